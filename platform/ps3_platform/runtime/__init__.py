@@ -1,0 +1,1 @@
+"""What runs inside every worker: distributed init, trainer loop, checkpoints, metrics."""

@@ -1,0 +1,320 @@
+"""Job spec models (`apiVersion: ps3.platform/v1`).
+
+The spec is Kubernetes-shaped (apiVersion/kind/metadata/spec) and closed: every model
+forbids unknown keys, so a typo is an error rather than a silently ignored field. YAML keys
+are camelCase like Kubernetes objects; Python attributes are snake_case. The JSON Schema
+printed by `platformctl schema` is generated from these models, so there is no second
+schema to drift.
+
+Checks that need platform configuration (does the pool exist, how many GPUs it has) live
+in `validate.py`, not here: these models are pure.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+API_VERSION = "ps3.platform/v1"
+
+#: Tasks the runtime knows. Kept here (not imported from `ps3.tasks`) so validating a
+#: spec never imports torch; a test checks this list against the task registry.
+KNOWN_TASKS = ("noop", "sleep", "synth_data", "ps3_pretrain", "ps3_eval", "curate", "vila_hd", "siglip_hd")
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_URI = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")
+# Names that look like credentials: the spec must name a Secret instead.
+_SECRET_ENV = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE_KEY)", re.IGNORECASE)
+
+
+def _dns_label(value: str) -> str:
+    if len(value) > 50 or not _DNS_LABEL.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid name: use lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit, at most 50 characters"
+        )
+    return value
+
+
+def _uri(value: str) -> str:
+    if not _URI.match(value):
+        raise ValueError(f"{value!r} is not a URI: expected an fsspec URL such as s3://bucket/path or file:///abs/path")
+    if value.startswith("file://") and not value.startswith("file:///"):
+        raise ValueError(f"{value!r}: file URIs need an absolute path, e.g. file:///data/shards")
+    return value
+
+
+def _quantity(value: str | int | float) -> str:
+    text = str(value)
+    if not _QUANTITY.match(text):
+        raise ValueError(f"{text!r} is not a Kubernetes quantity (e.g. '8', '500m', '64Gi')")
+    return text
+
+
+Name = Annotated[str, AfterValidator(_dns_label)]
+Uri = Annotated[str, AfterValidator(_uri)]
+Quantity = Annotated[str | int | float, AfterValidator(_quantity)]
+
+
+class SpecModel(BaseModel):
+    """Base: camelCase keys in YAML, unknown keys rejected, values checked on assignment."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        validate_assignment=True,
+    )
+
+
+class Metadata(SpecModel):
+    name: Name = Field(description="Job name; also the Kubernetes object name prefix.")
+    namespace: str | None = Field(None, description="Namespace; default: the kubeconfig's current one.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every object.")
+
+
+class Resources(SpecModel):
+    pool: str = Field(description="Node pool name from the platform configuration (Helm values or pools.yaml).")
+    nodes: int = Field(1, ge=1, description="Nodes (pods) for the stage; the elastic range may differ.")
+    gpus_per_node: int = Field(0, ge=0, le=16, description="GPUs per node; 0 for CPU-only stages.")
+    procs_per_node: int | None = Field(
+        None, ge=1, le=64, description="Worker processes per node; default gpusPerNode, or 1 without GPUs."
+    )
+    cpu: Quantity | None = Field(None, description="CPU request per pod, e.g. '32'.")
+    memory: Quantity | None = Field(None, description="Memory request per pod, e.g. '512Gi'.")
+    shm_size: Quantity = Field("16Gi", description="Size of the /dev/shm memory volume (data loader workers).")
+
+    @property
+    def nproc(self) -> int:
+        return self.procs_per_node or self.gpus_per_node or 1
+
+
+class Elastic(SpecModel):
+    min_nodes: int = Field(ge=1, description="Fewest nodes the stage keeps running with.")
+    max_nodes: int = Field(ge=1, description="Most nodes the stage scales up to.")
+    max_restarts: int = Field(3, ge=0, description="Worker-group restarts torchrun's agent allows per pod.")
+
+    @model_validator(mode="after")
+    def _range(self) -> "Elastic":
+        if self.min_nodes > self.max_nodes:
+            raise ValueError(f"minNodes ({self.min_nodes}) is greater than maxNodes ({self.max_nodes})")
+        return self
+
+
+class Checkpoint(SpecModel):
+    uri: Uri | None = Field(None, description="Where checkpoints go; default: the local run directory.")
+    interval_steps: int = Field(1000, ge=1, description="Save every N optimizer steps.")
+    keep: int = Field(3, ge=1, description="Keep the newest N committed checkpoints.")
+    keep_every: int | None = Field(None, ge=1, description="Also keep every checkpoint whose step is a multiple of N.")
+    async_: bool = Field(False, alias="async", description="Stage in host memory and upload in the background.")
+    init_from: Uri | None = Field(None, description="Start from this committed checkpoint directory (another stage's).")
+
+
+class Source(SpecModel):
+    name: str = Field(description="Source name (used for per-source balancing and metrics).")
+    uri: Uri = Field(description="Directory of webdataset shards with an index.json.")
+    weight: float = Field(1.0, gt=0, description="Sampling weight; sources are drawn by weight, not by size.")
+
+
+class Data(SpecModel):
+    sources: list[Source] = Field(default_factory=list, description="Training sources.")
+    eval_sources: list[Source] = Field(default_factory=list, description="Held-out sources for evaluation.")
+    global_caption_fraction: float = Field(0.25, ge=0, le=1, description="Share of the batch that are global pairs.")
+    num_workers: int = Field(2, ge=0, description="Data loader worker processes per rank.")
+    seed: int = Field(0, description="Seed of the sampling order.")
+    tokenizer: Uri | None = Field(None, description="Tokenizer model file (SentencePiece or tokenizers JSON).")
+
+
+class Model(SpecModel):
+    preset: str | None = Field(None, description="Model preset name, e.g. ps3-4k-siglip.")
+    init_from: Uri | None = Field(None, description="Weights to start from (SigLIP or PS3 checkpoint directory).")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Preset fields to override.")
+
+
+class Optimizer(SpecModel):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    eps: float = Field(1e-8, gt=0)
+
+
+class Schedule(SpecModel):
+    warmup_steps: int = Field(0, ge=0)
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class NonFinite(SpecModel):
+    policy: Literal["skip", "rollback", "fail"] = Field("skip", description="What a NaN/inf loss does.")
+    max_consecutive: int = Field(3, ge=1, description="After this many in a row, roll back (or fail).")
+
+
+class Train(SpecModel):
+    global_batch: int = Field(8, ge=1, description="Samples per optimizer step, whatever the world size.")
+    micro_batch: int | None = Field(None, ge=1, description="Most samples per rank per forward; default all.")
+    steps: int | None = Field(None, ge=1, description="Optimizer steps; or give epochs and samplesPerEpoch.")
+    epochs: float | None = Field(None, gt=0)
+    samples_per_epoch: int | None = Field(None, ge=1)
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    schedule: Schedule = Field(default_factory=Schedule)
+    precision: Literal["bf16", "fp32"] = "fp32"
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False
+    grad_clip: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    non_finite: NonFinite = Field(default_factory=NonFinite)
+
+    @model_validator(mode="after")
+    def _length(self) -> "Train":
+        if self.steps is None and (self.epochs is None) != (self.samples_per_epoch is None):
+            raise ValueError("give either steps, or both epochs and samplesPerEpoch")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        if self.epochs is not None and self.samples_per_epoch is not None:
+            return max(1, int(self.epochs * self.samples_per_epoch) // self.global_batch)
+        return 1
+
+
+class Monitoring(SpecModel):
+    port: int = Field(9464, ge=1024, le=65535, description="Prometheus metrics port of every worker.")
+    log_every_steps: int = Field(10, ge=1, description="Write a metrics line every N steps.")
+
+
+class Storage(SpecModel):
+    credentials_secret: str | None = Field(
+        None, description="Kubernetes Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; locally the environment."
+    )
+    endpoint: str | None = Field(None, description="S3 endpoint URL for non-AWS object stores.")
+    region: str | None = None
+
+
+class StageBody(SpecModel):
+    """What one stage runs; a TrainingJob's spec is one of these."""
+
+    task: str = Field(description=f"Task to run: one of {', '.join(KNOWN_TASKS)}.")
+    image: str | None = Field(None, description="Container image (cluster backend).")
+    resources: Resources = Field(default_factory=lambda: Resources(pool="cpu"))
+    elastic: Elastic | None = None
+    checkpoint: Checkpoint = Field(default_factory=Checkpoint)
+    data: Data = Field(default_factory=Data)
+    model: Model = Field(default_factory=Model)
+    train: Train = Field(default_factory=Train)
+    monitoring: Monitoring = Field(default_factory=Monitoring)
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment; never credentials.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Task-specific parameters (see the task).")
+
+    @model_validator(mode="after")
+    def _checks(self) -> "StageBody":
+        if self.task not in KNOWN_TASKS:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(KNOWN_TASKS)}")
+        for key in self.env:
+            if _SECRET_ENV.search(key):
+                raise ValueError(f"env {key!r} looks like a credential: name a Secret in spec.storage.credentialsSecret")
+        return self
+
+
+class Stage(StageBody):
+    name: Name = Field(description="Stage name, unique in the pipeline.")
+    depends_on: list[str] = Field(default_factory=list, description="Stages that must succeed first.")
+
+
+class TrainingJobSpec(StageBody):
+    storage: Storage = Field(default_factory=Storage)
+
+
+class PipelineSpec(SpecModel):
+    image: str | None = Field(None, description="Default image for stages that give none.")
+    storage: Storage = Field(default_factory=Storage)
+    stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _graph(self) -> "PipelineSpec":
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stage names must be unique: {', '.join(dupes)}")
+        for stage in self.stages:
+            for dep in stage.depends_on:
+                if dep not in names:
+                    raise ValueError(f"stage {stage.name!r} dependsOn unknown stage {dep!r}")
+        cycle = find_cycle({s.name: s.depends_on for s in self.stages})
+        if cycle:
+            raise ValueError(f"dependsOn cycle: {' -> '.join(cycle)}")
+        return self
+
+
+def find_cycle(graph: dict[str, list[str]]) -> list[str]:
+    """Return one dependency cycle as a path (first node repeated at the end), or []."""
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        stack.append(node)
+        for nxt in graph.get(node, []):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return []
+
+    for node in graph:
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
+class TrainingJob(SpecModel):
+    api_version: Literal["ps3.platform/v1"] = Field(alias="apiVersion")
+    kind: Literal["TrainingJob"]
+    metadata: Metadata
+    spec: TrainingJobSpec
+
+
+class Pipeline(SpecModel):
+    api_version: Literal["ps3.platform/v1"] = Field(alias="apiVersion")
+    kind: Literal["Pipeline"]
+    metadata: Metadata
+    spec: PipelineSpec
+
+
+JobSpec = TrainingJob | Pipeline
+
+
+def stages_of(job: JobSpec) -> list[Stage]:
+    """The job's stages in dependency order (a TrainingJob is one stage named 'train')."""
+    if isinstance(job, TrainingJob):
+        body = job.spec.model_dump(by_alias=False, exclude={"storage"})
+        return [Stage(name="train", **body)]
+    order: list[Stage] = []
+    done: set[str] = set()
+    pending = list(job.spec.stages)
+    while pending:
+        for stage in pending:
+            if all(d in done for d in stage.depends_on):
+                order.append(stage)
+                done.add(stage.name)
+                pending.remove(stage)
+                break
+    return order
+
+
+def storage_of(job: JobSpec) -> Storage:
+    return job.spec.storage
+
+
+def image_of(job: JobSpec, stage: Stage) -> str | None:
+    if stage.image:
+        return stage.image
+    return job.spec.image if isinstance(job, Pipeline) else None

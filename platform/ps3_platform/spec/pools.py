@@ -1,0 +1,68 @@
+"""Node pools: platform configuration that maps a pool name to where and how pods run.
+
+Specs only name a pool; admins describe pools once (Helm values -> the `ps3-platform-pools`
+ConfigMap in cluster, or a pools.yaml file locally). The compiler turns a pool into a
+nodeSelector, tolerations, GPU requests, a PriorityClass and an optional Kueue queue.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+#: Name of the ConfigMap the Helm chart writes, and its data key.
+POOLS_CONFIGMAP = "ps3-platform-pools"
+POOLS_KEY = "pools.yaml"
+DEFAULT_POOLS_FILE = Path(__file__).with_name("default_pools.yaml")
+
+
+class Pool(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+    gpus_per_node: int = Field(0, ge=0, description="GPUs on each node of the pool.")
+    gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource name of the GPUs.")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    priority_class: str | None = Field(None, description="PriorityClass of the pool's pods.")
+    kueue_queue: str | None = Field(None, description="Kueue LocalQueue; adds kueue.x-k8s.io/queue-name.")
+    scheduler_queue: str | None = Field(None, description="Gang-scheduler queue (runPolicy.schedulingPolicy.queue).")
+
+
+class PoolConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pools: dict[str, Pool]
+
+
+class PoolConfigError(Exception):
+    """The platform configuration itself is broken (not the user's spec)."""
+
+
+def parse_pools(text: str, source: str) -> PoolConfig:
+    try:
+        return PoolConfig.model_validate(yaml.safe_load(text) or {})
+    except (yaml.YAMLError, ValidationError) as exc:
+        first = str(exc).splitlines()
+        raise PoolConfigError(f"{source}: invalid pool configuration: {' '.join(first[:3])}") from None
+
+
+def pools_file() -> Path:
+    """Where local pool configuration comes from: $PS3_PLATFORM_POOLS, then the home, then built-in."""
+    if env := os.environ.get("PS3_PLATFORM_POOLS"):
+        return Path(env)
+    home = Path(os.environ.get("PS3_PLATFORM_HOME", Path.home() / ".ps3-platform"))
+    candidate = home / "pools.yaml"
+    return candidate if candidate.exists() else DEFAULT_POOLS_FILE
+
+
+def load_pools(path: str | Path | None = None) -> PoolConfig:
+    path = Path(path) if path else pools_file()
+    try:
+        return parse_pools(path.read_text(), str(path))
+    except OSError as exc:
+        raise PoolConfigError(f"{path}: cannot read pool configuration: {exc.strerror}") from None

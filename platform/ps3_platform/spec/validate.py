@@ -1,0 +1,61 @@
+"""Checks that need the platform configuration (pools), on top of the pure models."""
+
+from __future__ import annotations
+
+import difflib
+
+from .batch import BatchPlanError, plan_batch
+from .load import LoadedSpec, SpecError, SpecIssue
+from .models import StageBody, TrainingJob
+from .pools import PoolConfig
+
+
+def _stage_prefix(loaded: LoadedSpec, index: int) -> tuple:
+    return ("spec",) if isinstance(loaded.job, TrainingJob) else ("spec", "stages", index)
+
+
+def _stage_issues(loaded: LoadedSpec, stage: StageBody, prefix: tuple, pools: PoolConfig) -> list[SpecIssue]:
+    issues: list[SpecIssue] = []
+    res = stage.resources
+    pool = pools.pools.get(res.pool)
+    if pool is None:
+        close = difflib.get_close_matches(res.pool, list(pools.pools), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known pools: {', '.join(sorted(pools.pools))}"
+        issues.append(loaded.issue(prefix + ("resources", "pool"), f"pool {res.pool!r} does not exist; {hint}"))
+        return issues
+    if res.gpus_per_node > pool.gpus_per_node:
+        issues.append(loaded.issue(
+            prefix + ("resources", "gpusPerNode"),
+            f"pool {res.pool!r} has {pool.gpus_per_node} GPUs per node, the stage asks for {res.gpus_per_node}",
+        ))
+    node_counts = {res.nodes}
+    if stage.elastic:
+        node_counts |= {stage.elastic.min_nodes, stage.elastic.max_nodes}
+        if not stage.elastic.min_nodes <= res.nodes <= stage.elastic.max_nodes:
+            issues.append(loaded.issue(
+                prefix + ("resources", "nodes"),
+                f"nodes ({res.nodes}) must lie between elastic.minNodes ({stage.elastic.min_nodes}) "
+                f"and elastic.maxNodes ({stage.elastic.max_nodes})",
+            ))
+    for nodes in sorted(node_counts):
+        try:
+            plan_batch(stage.train.global_batch, nodes * res.nproc, stage.train.micro_batch)
+        except BatchPlanError:
+            issues.append(loaded.issue(
+                prefix + ("train", "globalBatch"),
+                f"global batch {stage.train.global_batch} is not divisible by {nodes} nodes x {res.nproc} "
+                f"processes = {nodes * res.nproc} ranks; pick a multiple of {nodes * res.nproc}",
+            ))
+            break
+    return issues
+
+
+def check_against_pools(loaded: LoadedSpec, pools: PoolConfig) -> None:
+    """Raise SpecError listing every stage that does not fit the configured pools."""
+    job = loaded.job
+    stages = [job.spec] if isinstance(job, TrainingJob) else list(job.spec.stages)
+    issues: list[SpecIssue] = []
+    for index, stage in enumerate(stages):
+        issues += _stage_issues(loaded, stage, _stage_prefix(loaded, index), pools)
+    if issues:
+        raise SpecError(issues)

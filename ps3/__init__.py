@@ -1,0 +1,1 @@
+"""PS3 science: model, losses, data, curation and the tasks the runtime runs."""
