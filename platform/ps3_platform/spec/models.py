@@ -22,7 +22,7 @@ API_VERSION = "ps3.platform/v1"
 
 #: Tasks the runtime knows. Kept here (not imported from `ps3.tasks`) so validating a
 #: spec never imports torch; a test checks this list against the task registry.
-KNOWN_TASKS = ("noop", "sleep", "synth_data", "ps3_pretrain", "ps3_eval", "curate", "vila_hd", "siglip_hd")
+KNOWN_TASKS = ("noop", "sleep", "synth_data", "ps3_pretrain", "ps3_eval")
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _URI = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")

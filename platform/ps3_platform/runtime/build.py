@@ -1,0 +1,109 @@
+"""Composition root of a worker: process group, metrics, task, checkpointer, trainer.
+
+The one place where components are built, with keyword-only dependencies; the loop in
+`trainer.py` only calls them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from ps3_platform.spec import BatchPlan, JobSpec, Stage
+
+from .distributed import WorldInfo, init_distributed, parallelize, shutdown_distributed
+from .gpu import start_gpu_sampler
+from .metrics import JsonlLog, Metrics
+from .optim import build_optimizer, build_scheduler
+from .signals import StopFlag
+from .state import seed_everything
+from .task import RunContext, TaskState, UnknownTaskError, resolve_task
+from .trainer import SpecChangedError, Trainer
+
+
+class RunSetupError(RuntimeError):
+    """The stage cannot start (permanent: retrying will not help)."""
+
+
+def run_dir_for(job: str, stage: str) -> Path:
+    """Where a worker writes its figures: $PS3_RUN_DIR (the local backend sets it), else /tmp."""
+    if env := os.environ.get("PS3_RUN_DIR"):
+        return Path(env) / stage
+    return Path("/tmp/ps3-platform") / job / stage
+
+
+def checkpoint_uri(stage: Stage, run_dir: Path) -> str:
+    return stage.checkpoint.uri or f"file://{run_dir.parent.resolve()}/checkpoints"
+
+
+def _serve_metrics(metrics: Metrics, stage: Stage, world: WorldInfo, log: logging.Logger) -> None:
+    """Each process on a node serves on base port + local rank; a busy port is logged, not fatal."""
+    base = int(os.environ.get("PS3_METRICS_PORT", stage.monitoring.port))
+    port = base + world.local_rank
+    try:
+        metrics.serve(port)
+        log.info("metrics on :%d/metrics", port)
+    except OSError as exc:
+        log.warning("metrics port %d unavailable (%s); continuing without /metrics", port, exc.strerror)
+
+
+def _context(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, metrics: Metrics,
+             run_dir: Path, log: logging.Logger) -> RunContext:
+    train = stage.train
+    return RunContext(
+        job=job.metadata.name, stage=stage, rank=world.rank, world_size=world.world_size,
+        local_rank=world.local_rank, device=world.device, batch=plan, run_dir=run_dir, metrics=metrics, log=log,
+        parallelize=lambda model: parallelize(model, world, train.parallelism, train.activation_checkpointing),
+        build_optimizer=lambda params: build_optimizer(params, train),
+        build_scheduler=lambda optimizer: build_scheduler(optimizer, train),
+    )
+
+
+def _checkpointer(job: JobSpec, stage: Stage, world: WorldInfo, metrics: Metrics, run_dir: Path):
+    from .checkpoint import Checkpointer
+
+    ckpt = stage.checkpoint
+    return Checkpointer(
+        uri=checkpoint_uri(stage, run_dir), job=job.metadata.name, stage=stage.name, keep=ckpt.keep,
+        keep_every=ckpt.keep_every, async_save=ckpt.async_, rank=world.rank, world_size=world.world_size,
+        metrics=metrics,
+    )
+
+
+def run_stage(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, log: logging.Logger, *,
+              spec_hash: str, allow_spec_change: bool) -> str:
+    """Run one stage in this process; returns 'completed' or 'preempted'."""
+    stop = StopFlag().install()
+    init_distributed(world)
+    run_dir = run_dir_for(job.metadata.name, stage.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = Metrics(job.metadata.name, stage.name, world.rank)
+    _serve_metrics(metrics, stage, world, log)
+    start_gpu_sampler(metrics, world.device)
+    try:
+        seed_everything(stage.train.seed)  # identical initial weights on every rank
+        try:
+            build = resolve_task(stage.task)
+        except UnknownTaskError as exc:
+            raise RunSetupError(str(exc)) from None
+        ctx = _context(job, stage, world, plan, metrics, run_dir, log)
+        task: TaskState = build(ctx)
+        seed_everything(stage.train.seed + 1000 * world.rank)  # distinct per-rank randomness from here on
+        if task.run is not None:
+            task.run()
+            return "completed"
+        jsonl = JsonlLog(run_dir / "metrics.jsonl" if world.is_main else None)
+        trainer = Trainer(ctx, task, world, _checkpointer(job, stage, world, metrics, run_dir),
+                          spec_hash=spec_hash, allow_spec_change=allow_spec_change, stop=stop, log=jsonl)
+        try:
+            outcome = trainer.train()
+        except SpecChangedError as exc:
+            raise RunSetupError(str(exc)) from None
+        if outcome == "completed" and task.evaluate is not None:
+            task.evaluate()
+        jsonl.write({"event": outcome, "step": trainer.counters.step})
+        jsonl.close()
+        return outcome
+    finally:
+        shutdown_distributed()

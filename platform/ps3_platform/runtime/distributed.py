@@ -1,0 +1,92 @@
+"""Process-group setup from the environment torchrun and the PyTorchJob operator set."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    restart_count: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env(env: dict[str, str] | None = None) -> WorldInfo:
+    """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun) and pick the device; no process group yet."""
+    env = os.environ if env is None else env
+    rank = int(env.get("RANK", 0))
+    world_size = int(env.get("WORLD_SIZE", 1))
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    restarts = int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    else:
+        device = torch.device("cpu")
+    return WorldInfo(rank, world_size, local_rank, restarts, device)
+
+
+def init_distributed(world: WorldInfo, timeout_s: int = 600) -> None:
+    """NCCL on GPUs, gloo on CPU; a single process runs without a group."""
+    if world.world_size == 1 or dist.is_initialized():
+        return
+    if world.device.type == "cuda":
+        torch.cuda.set_device(world.device)
+        backend = "cpu:gloo,cuda:nccl"  # gloo for CPU-side objects (checkpoint planning), NCCL for tensors
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parallelize(model: nn.Module, world: WorldInfo, strategy: str, activation_checkpointing: bool) -> nn.Module:
+    """Wrap a model for data parallelism: DDP by default, FSDP2 (`fully_shard`) per block.
+
+    FSDP2 shards each child module that declares itself a block (attribute
+    `fsdp_blocks`: an iterable of modules) and then the root, which is how torchtitan
+    applies it; models without the attribute are sharded at the root only.
+    """
+    model = model.to(world.device)
+    if activation_checkpointing and hasattr(model, "set_activation_checkpointing"):
+        model.set_activation_checkpointing(True)
+    if world.world_size == 1 and strategy == "ddp":
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in getattr(model, "fsdp_blocks", lambda: [])():
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    device_ids = [world.device.index] if world.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def all_reduce_mean(value: float, world: WorldInfo) -> float:
+    """Average a Python float over ranks (for logging the global loss)."""
+    if world.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=world.device if world.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return float(t.item()) / world.world_size
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

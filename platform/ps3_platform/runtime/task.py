@@ -1,0 +1,102 @@
+"""The task contract: what a recipe gives the runtime, and what the runtime gives it.
+
+A task (`ps3/tasks/`) owns the science: it builds the model and a stateful data iterator
+and says how one micro-batch becomes a loss. The runtime owns everything else: process
+group, parallelism wrapper, precision, accumulation, clipping, checkpoints, metrics and
+signals. New recipes are new tasks; the runtime never imports a specific model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ps3_platform.spec import BatchPlan, Stage
+
+from .metrics import Metrics
+
+#: Where the runtime finds tasks by name (module with a `TASKS` dict of name -> "module:function").
+TASK_REGISTRY_MODULE = "ps3.tasks"
+
+
+@runtime_checkable
+class StatefulIterator(Protocol):
+    """A data iterator that can say where it is and go back there (exact resume)."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+    def __next__(self) -> Any: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class StepResult:
+    """One micro-batch's loss (a scalar tensor with grad) plus figures to report."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    samples: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class RunContext:
+    """What the runtime hands a task at build time."""
+
+    job: str
+    stage: Stage
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    batch: BatchPlan
+    run_dir: Path
+    metrics: Metrics
+    log: logging.Logger
+    parallelize: Callable[[nn.Module], nn.Module]
+    build_optimizer: Callable[[Any], torch.optim.Optimizer]
+    build_scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+    @property
+    def params(self) -> dict:
+        return self.stage.params
+
+
+@dataclass
+class TaskState:
+    """What `build()` returns.
+
+    `step(model, micro_batch)` runs forward and returns the loss; the runtime does backward,
+    accumulation and the optimizer step. `model` is already wrapped by `ctx.parallelize`.
+    Tasks without training (data generation) set `run` instead and leave the rest None.
+    """
+
+    model: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    data: StatefulIterator | None = None
+    step: Callable[[nn.Module, Any], StepResult] | None = None
+    evaluate: Callable[[], dict] | None = None
+    run: Callable[[], dict] | None = None
+    flops_per_sample: float | None = None
+    bad_sample_counts: Callable[[], dict[str, int]] | None = None
+    after_optimizer_step: Callable[[], None] | None = None
+
+
+class UnknownTaskError(LookupError):
+    pass
+
+
+def resolve_task(name: str) -> Callable[[RunContext], TaskState]:
+    """The build function of task `name`, imported lazily from the registry."""
+    registry = importlib.import_module(TASK_REGISTRY_MODULE).TASKS
+    if name not in registry:
+        raise UnknownTaskError(f"unknown task {name!r}; registered: {', '.join(sorted(registry))}")
+    module, _, attr = registry[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
