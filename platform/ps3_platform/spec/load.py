@@ -63,7 +63,8 @@ def _compose(text: str, file: str) -> tuple[Any, dict[tuple, Position]]:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        # The context mark is where the unclosed construct started, which is where to look.
+        mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError([SpecIssue(file, line, col, "", f"invalid YAML: {problem}")]) from None
@@ -134,12 +135,21 @@ def apply_overrides(data: dict, overrides: list[str], positions: dict[tuple, Pos
         positions[tuple(parts)] = positions.get(tuple(parts), (0, 0))
 
 
+def _closest(model: type[BaseModel] | None, key: str) -> str | None:
+    if model is None:
+        return None
+    names = [f.alias or n for n, f in model.model_fields.items()]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _suggest(model: type[BaseModel] | None, key: str) -> str:
     if model is None:
         return ""
+    if close := _closest(model, key):
+        return f"; did you mean {close!r}?"
     names = [f.alias or n for n, f in model.model_fields.items()]
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else f"; expected one of: {', '.join(sorted(names))}"
+    return f"; expected one of: {', '.join(sorted(names))}"
 
 
 def _model_at(root: type[BaseModel], path: tuple) -> type[BaseModel] | None:
@@ -167,11 +177,26 @@ def _unwrap(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _clean_loc(loc: tuple) -> tuple:
+    # pydantic adds union-member tags and 'function-after[...]' parts to `loc`: drop them.
+    return tuple(p for p in loc if isinstance(p, int) or not str(p).startswith(("function-", "tagged-union")))
+
+
 def _issues_from(exc: ValidationError, root: type[BaseModel], file: str, positions) -> list[SpecIssue]:
+    errors = exc.errors()
+    # A misspelt required key shows up twice (unknown 'metdata', missing 'metadata'): keep the
+    # did-you-mean line only, since it already says what to write.
+    misspelt = {
+        _clean_loc(e["loc"])[:-1] + (close,)
+        for e in errors
+        if e["type"] == "extra_forbidden"
+        and (close := _closest(_model_at(root, _clean_loc(e["loc"])[:-1]), str(e["loc"][-1])))
+    }
     issues = []
-    for err in exc.errors():
-        # pydantic adds union-member tags and 'function-after[...]' parts to `loc`: drop them.
-        path = tuple(p for p in err["loc"] if isinstance(p, int) or not (str(p).startswith(("function-", "tagged-union"))))
+    for err in errors:
+        path = _clean_loc(err["loc"])
+        if err["type"] == "missing" and path in misspelt:
+            continue
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = f"unknown field {path[-1]!r}" + _suggest(_model_at(root, path[:-1]), str(path[-1]))

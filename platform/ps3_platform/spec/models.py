@@ -12,10 +12,11 @@ in `validate.py`, not here: these models are pure.
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_VERSION = "ps3.platform/v1"
@@ -53,6 +54,21 @@ def _quantity(value: str | int | float) -> str:
     if not _QUANTITY.match(text):
         raise ValueError(f"{text!r} is not a Kubernetes quantity (e.g. '8', '500m', '64Gi')")
     return text
+
+
+def _known_task(value: str) -> str:
+    if value not in KNOWN_TASKS:
+        close = difflib.get_close_matches(value, KNOWN_TASKS, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"expected one of {', '.join(KNOWN_TASKS)}"
+        raise ValueError(f"unknown task {value!r}; {hint}")
+    return value
+
+
+def _no_credentials(env: dict[str, str]) -> dict[str, str]:
+    for key in env:
+        if _SECRET_ENV.search(key):
+            raise ValueError(f"{key!r} looks like a credential: name a Secret in spec.storage.credentialsSecret")
+    return env
 
 
 Name = Annotated[str, AfterValidator(_dns_label)]
@@ -200,7 +216,7 @@ class Storage(SpecModel):
 class StageBody(SpecModel):
     """What one stage runs; a TrainingJob's spec is one of these."""
 
-    task: str = Field(description=f"Task to run: one of {', '.join(KNOWN_TASKS)}.")
+    task: Annotated[str, AfterValidator(_known_task)] = Field(description=f"Task to run: one of {', '.join(KNOWN_TASKS)}.")
     image: str | None = Field(None, description="Container image (cluster backend).")
     resources: Resources = Field(default_factory=lambda: Resources(pool="cpu"))
     elastic: Elastic | None = None
@@ -209,17 +225,10 @@ class StageBody(SpecModel):
     model: Model = Field(default_factory=Model)
     train: Train = Field(default_factory=Train)
     monitoring: Monitoring = Field(default_factory=Monitoring)
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment; never credentials.")
+    env: Annotated[dict[str, str], AfterValidator(_no_credentials)] = Field(
+        default_factory=dict, description="Extra environment; never credentials."
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="Task-specific parameters (see the task).")
-
-    @model_validator(mode="after")
-    def _checks(self) -> "StageBody":
-        if self.task not in KNOWN_TASKS:
-            raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(KNOWN_TASKS)}")
-        for key in self.env:
-            if _SECRET_ENV.search(key):
-                raise ValueError(f"env {key!r} looks like a credential: name a Secret in spec.storage.credentialsSecret")
-        return self
 
 
 class Stage(StageBody):
@@ -236,20 +245,21 @@ class PipelineSpec(SpecModel):
     storage: Storage = Field(default_factory=Storage)
     stages: list[Stage] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _graph(self) -> "PipelineSpec":
-        names = [s.name for s in self.stages]
+    @field_validator("stages")
+    @classmethod
+    def _graph(cls, stages: list[Stage]) -> list[Stage]:
+        names = [s.name for s in stages]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"stage names must be unique: {', '.join(dupes)}")
-        for stage in self.stages:
+        for stage in stages:
             for dep in stage.depends_on:
                 if dep not in names:
                     raise ValueError(f"stage {stage.name!r} dependsOn unknown stage {dep!r}")
-        cycle = find_cycle({s.name: s.depends_on for s in self.stages})
+        cycle = find_cycle({s.name: s.depends_on for s in stages})
         if cycle:
             raise ValueError(f"dependsOn cycle: {' -> '.join(cycle)}")
-        return self
+        return stages
 
 
 def find_cycle(graph: dict[str, list[str]]) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,30 +16,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ps3_platform.ports import free_port
+
 ACCESS_KEY = "ps3test"
 SECRET_KEY = "ps3test-secret"
-
-
-def free_port(grpc_room: bool = False) -> int:
-    """A free loopback port; with grpc_room, port + 10000 is free too."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not grpc_room:
-            return port
-        if port + 10000 < 65535 and _is_free(port + 10000):
-            return port
-    raise RuntimeError("no free port pair found")
-
-
-def _is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _weed_binary() -> str:

@@ -1,0 +1,50 @@
+# Two entry points for a fresh machine (see README):
+#   make quickstart   install, then run jobs/quickstart.yaml locally and print its evaluation
+#   make test         install (incl. Debian's prometheus for promtool), then run the tests
+#
+# Everything installs into .venv; torch/torchvision are installed first, pinned, so the
+# project's ranges resolve to them and pip fetches no other torch build.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  := torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: install install-test system-deps quickstart test bench-quick clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test system-deps
+
+# promtool and prometheus for the alert-rule and dashboard tests.
+system-deps:
+	@if ! command -v promtool >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	fi
+
+quickstart: install
+	$(VENV)/bin/platformctl submit jobs/quickstart.yaml --backend local --wait
+
+test: install-test
+	PS3_REQUIRE_PROMETHEUS=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+bench-quick: install-test
+	for b in bench/*.py; do $(PY) $$b --quick || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info

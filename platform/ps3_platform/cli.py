@@ -1,0 +1,257 @@
+"""`platformctl`: validate, render and run job specs on Kubernetes or on this machine.
+
+A thin shell: each command parses flags and calls one library function. User errors
+(bad spec, unknown job, unreachable cluster) print one line per problem and exit 2 (spec)
+or 1 (everything else) — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ps3_platform.spec import SpecError, check_against_pools, load, load_pools
+from ps3_platform.spec.pools import PoolConfigError
+
+EXIT_SPEC_ERROR = 2
+EXIT_FAILURE = 1
+
+
+class CommandError(Exception):
+    """A one-line failure of a command (not a spec problem)."""
+
+
+# ---- backend selection --------------------------------------------------------------------
+def kube_config_present() -> bool:
+    """True when a kubeconfig or an in-cluster service account is available (kubectl's rules)."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return True
+    paths = os.environ.get("KUBECONFIG", "").split(os.pathsep) if os.environ.get("KUBECONFIG") else []
+    paths.append(str(Path.home() / ".kube" / "config"))
+    return any(p and Path(p).is_file() for p in paths)
+
+
+def choose_backend(requested: str | None, quiet: bool = False) -> str:
+    if requested:
+        return requested
+    chosen, why = ("kubernetes", "a kubeconfig was found") if kube_config_present() else (
+        "local", "no kubeconfig or in-cluster config found")
+    if not quiet:
+        print(f"backend: {chosen} ({why}; choose with --backend)", file=sys.stderr)
+    return chosen
+
+
+def make_backend(name: str, args: argparse.Namespace):
+    if name == "local":
+        from ps3_platform.backends.local import LocalBackend
+
+        return LocalBackend()
+    from ps3_platform.backends.kubernetes import KubernetesBackend
+
+    return KubernetesBackend(context=getattr(args, "context", None), namespace=getattr(args, "namespace", None))
+
+
+# ---- spec helpers ---------------------------------------------------------------------------
+def _load_checked(args: argparse.Namespace, pools=None):
+    loaded = load(args.file, overrides=args.set)
+    check_against_pools(loaded, pools or load_pools(args.pools))
+    return loaded
+
+
+def _compile(loaded, pools, namespace):
+    from ps3_platform.compile import compile_job
+
+    return compile_job(loaded.job, pools, namespace=namespace)
+
+
+# ---- commands -------------------------------------------------------------------------------
+def cmd_validate(args) -> int:
+    loaded = _load_checked(args)
+    job = loaded.job
+    stages = len(job.spec.stages) if job.kind == "Pipeline" else 1
+    print(f"{args.file}: valid {job.kind} {job.metadata.name!r} ({stages} stage{'s' * (stages != 1)})")
+    return 0
+
+
+def cmd_render(args) -> int:
+    from ps3_platform.compile import to_yaml
+
+    pools = load_pools(args.pools)
+    loaded = _load_checked(args, pools)
+    objects = _compile(loaded, pools, args.namespace)
+    if args.output == "json":
+        print(json.dumps(objects, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(to_yaml(objects))
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from ps3_platform.spec.schema import job_schema
+
+    print(json.dumps(job_schema(), indent=2))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    backend_name = choose_backend(args.backend)
+    backend = make_backend(backend_name, args)
+    pools = backend.pools(args.pools) if hasattr(backend, "pools") else load_pools(args.pools)
+    loaded = _load_checked(args, pools)
+    objects = _compile(loaded, pools, args.namespace) if backend_name == "kubernetes" else []
+    result = backend.submit(loaded.job, objects, replace=args.replace)
+    print(result.message)
+    if args.wait:
+        return backend.wait(loaded.job.metadata.name, follow=not args.quiet)
+    return 0
+
+
+def cmd_status(args) -> int:
+    backend = make_backend(choose_backend(args.backend, quiet=args.output == "json"), args)
+    status = backend.status(args.name)
+    if args.output == "json":
+        print(json.dumps(status.to_dict(), indent=2, sort_keys=True))
+    else:
+        from ps3_platform.backends.display import print_status
+
+        print_status(status)
+    return 0
+
+
+def cmd_list(args) -> int:
+    backend = make_backend(choose_backend(args.backend, quiet=args.output == "json"), args)
+    jobs = backend.list()
+    if args.output == "json":
+        print(json.dumps([j.to_dict() for j in jobs], indent=2, sort_keys=True))
+    else:
+        from ps3_platform.backends.display import print_list
+
+        print_list(jobs)
+    return 0
+
+
+def cmd_logs(args) -> int:
+    backend = make_backend(choose_backend(args.backend, quiet=True), args)
+    for line in backend.logs(args.name, stage=args.stage, rank=args.rank, follow=args.follow):
+        sys.stdout.write(line if line.endswith("\n") else line + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    backend = make_backend(choose_backend(args.backend), args)
+    print(backend.cancel(args.name))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from ps3_platform.backends.data_commands import run_data_command
+
+    return run_data_command(args)
+
+
+# ---- parser ---------------------------------------------------------------------------------
+def _spec_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="job spec (YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a spec field, e.g. --set spec.train.steps=100 (repeatable)")
+    p.add_argument("--pools", default=None, help="pool configuration file (default: built-in or $PS3_PLATFORM_POOLS)")
+
+
+def _cluster_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["local", "kubernetes"], default=None,
+                   help="where to run (default: kubernetes if a kubeconfig exists, else local)")
+    p.add_argument("-n", "--namespace", default=None, help="Kubernetes namespace (overrides metadata.namespace)")
+    p.add_argument("--context", default=None, help="kubeconfig context")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="platformctl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a spec (and its pools) without running it")
+    _spec_options(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("render", help="print the Kubernetes objects a spec compiles to")
+    _spec_options(p)
+    p.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+    p.add_argument("-n", "--namespace", default=None)
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("submit", help="run a spec on the cluster or locally")
+    _spec_options(p)
+    _cluster_options(p)
+    p.add_argument("--replace", action="store_true", help="replace a job of the same name whose spec changed")
+    p.add_argument("--wait", action="store_true", help="follow progress until the job ends")
+    p.add_argument("-q", "--quiet", action="store_true", help="with --wait: print only the final summary")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("list", help="list jobs")
+    _cluster_options(p)
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("status", help="show a job's stages, progress and evaluation")
+    p.add_argument("name")
+    _cluster_options(p)
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("logs", help="print a job's worker logs")
+    p.add_argument("name")
+    _cluster_options(p)
+    p.add_argument("--stage", default=None)
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("-f", "--follow", action="store_true")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("cancel", help="stop a job and remove its objects")
+    p.add_argument("name")
+    _cluster_options(p)
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("schema", help="print the job spec JSON Schema")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("data", help="dataset shards: index and check")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    for action, doc in (("index", "write index.json for a source directory"),
+                        ("check", "count samples, boxes and bad records per shard")):
+        q = data_sub.add_parser(action, help=doc)
+        q.add_argument("uri", help="source directory URI (file://, s3://)")
+        q.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return EXIT_SPEC_ERROR
+    except PoolConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_SPEC_ERROR
+    except (CommandError, _backend_errors()) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _backend_errors() -> type[Exception]:
+    from ps3_platform.backends.errors import BackendError
+
+    return BackendError
+
+
+if __name__ == "__main__":
+    sys.exit(main())

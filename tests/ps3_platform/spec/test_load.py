@@ -1,0 +1,94 @@
+"""Spec loading: defaults, overrides, stage order, hashing, schema."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import yaml
+
+from ps3_platform.cli import main
+from ps3_platform.spec import SpecError, load_text, resolved, spec_hash, stages_of
+from ps3_platform.spec.schema import job_schema
+
+PIPELINE = """
+apiVersion: ps3.platform/v1
+kind: Pipeline
+metadata: {name: demo}
+spec:
+  stages:
+    - {name: evaluate, task: noop, dependsOn: [train]}
+    - {name: data, task: noop}
+    - {name: train, task: noop, dependsOn: [data]}
+"""
+
+JOB = """
+apiVersion: ps3.platform/v1
+kind: TrainingJob
+metadata: {name: demo}
+spec:
+  task: noop
+  checkpoint: {async: true}
+  train: {globalBatch: 8, steps: 3}
+"""
+
+
+def test_pipeline_stages_come_in_dependency_order():
+    job = load_text(PIPELINE).job
+    assert [s.name for s in stages_of(job)] == ["data", "train", "evaluate"]
+
+
+def test_training_job_is_one_stage_named_train_with_defaults():
+    job = load_text(JOB).job
+    (stage,) = stages_of(job)
+    assert stage.name == "train" and stage.checkpoint.async_ is True
+    assert stage.train.total_steps == 3 and stage.resources.pool == "cpu"
+
+
+def test_set_overrides_parse_values_as_yaml():
+    job = load_text(JOB, overrides=["spec.train.steps=7", "spec.checkpoint.async=false",
+                                    "spec.data.sources=[{name: a, uri: 'file:///x'}]"]).job
+    assert job.spec.train.steps == 7 and job.spec.checkpoint.async_ is False
+    assert job.spec.data.sources[0].uri == "file:///x"
+
+
+def test_set_override_errors_are_reported_as_spec_errors():
+    with pytest.raises(SpecError, match="unknown field 'stepz'; did you mean 'steps'"):
+        load_text(JOB, overrides=["spec.train.stepz=7"])
+    with pytest.raises(SpecError, match="expected KEY.PATH=VALUE"):
+        load_text(JOB, overrides=["spec.train.steps"])
+
+
+def test_epochs_give_total_steps():
+    job = load_text(JOB, overrides=["spec.train.steps=null", "spec.train.epochs=2",
+                                    "spec.train.samplesPerEpoch=100"]).job
+    assert stages_of(job)[0].train.total_steps == 25
+
+
+def test_resolved_spec_round_trips_and_validates_against_schema():
+    job = load_text(JOB).job
+    dumped = resolved(job)
+    assert load_text(yaml.safe_dump(dumped)).job == job
+    jsonschema.validate(dumped, job_schema())
+
+
+def test_spec_hash_ignores_resources_but_not_training():
+    stage = stages_of(load_text(JOB).job)[0].model_dump(mode="json", by_alias=True)
+    other_nodes = {**stage, "resources": {**stage["resources"], "nodes": 4}}
+    other_lr = {**stage, "train": {**stage["train"], "steps": 99}}
+    assert spec_hash(stage) == spec_hash(other_nodes)
+    assert spec_hash(stage) != spec_hash(other_lr)
+
+
+def test_schema_command_prints_json_schema(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert "TrainingJob" in json.dumps(schema) and schema["$schema"].startswith("https://json-schema.org")
+
+
+def test_validate_command_accepts_good_spec(tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text(JOB)
+    assert main(["validate", str(path)]) == 0
+    assert "valid TrainingJob 'demo'" in capsys.readouterr().out
