@@ -1,0 +1,125 @@
+"""The backend interface (`kubernetes`, `local`) and the status objects both return.
+
+Public methods are the API `platformctl` calls; each backend implements the `_` hooks.
+Status is one shape for both backends so `status -o json` means the same everywhere.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+from ps3_platform.spec import JobSpec
+
+#: Phases of a job and of its stages (PyTorchJob condition names, plus Pending/Skipped/Cancelled).
+TERMINAL_PHASES = ("Succeeded", "Failed", "Cancelled")
+
+
+class BackendError(Exception):
+    """A one-line failure talking to a backend (not found, forbidden, unreachable, conflict)."""
+
+
+class JobNotFoundError(BackendError):
+    pass
+
+
+@dataclass
+class StageStatus:
+    name: str
+    phase: str = "Pending"
+    step: int | None = None
+    total_steps: int | None = None
+    loss: float | None = None
+    samples_per_s: float | None = None
+    eta_s: float | None = None
+    restarts: int = 0
+    exit_code: int | None = None
+    workers: int | None = None
+    message: str = ""
+
+
+@dataclass
+class JobStatus:
+    name: str
+    kind: str
+    backend: str
+    phase: str
+    stages: list[StageStatus] = field(default_factory=list)
+    conditions: list[dict] = field(default_factory=list)
+    eval: dict = field(default_factory=dict)
+    checkpoints: str | None = None
+    created: float | None = None
+    finished: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.phase in TERMINAL_PHASES
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SubmitResult:
+    name: str
+    created: bool
+    message: str
+
+
+class Backend(ABC):
+    """Where jobs run. Guarded public methods over `_` hooks (one place for shared checks)."""
+
+    name: str = "abstract"
+
+    def submit(self, job: JobSpec, objects: list[dict], *, replace: bool = False) -> SubmitResult:
+        """Create the job (idempotent: the same spec again is 'unchanged', a changed one needs replace)."""
+        return self._submit(job, objects, replace=replace)
+
+    def status(self, name: str) -> JobStatus:
+        return self._status(name)
+
+    def list(self) -> list[JobStatus]:
+        return self._list()
+
+    def logs(self, name: str, *, stage: str | None = None, rank: int | None = None,
+             follow: bool = False) -> Iterator[str]:
+        return self._logs(name, stage=stage, rank=rank, follow=follow)
+
+    def cancel(self, name: str) -> str:
+        return self._cancel(name)
+
+    def wait(self, name: str, *, follow: bool = True, poll_s: float = 2.0) -> int:
+        """Block until the job ends; prints progress; exit code 0 only when it succeeded."""
+        return self._wait(name, follow=follow, poll_s=poll_s)
+
+    @abstractmethod
+    def _submit(self, job: JobSpec, objects: list[dict], *, replace: bool) -> SubmitResult: ...
+
+    @abstractmethod
+    def _status(self, name: str) -> JobStatus: ...
+
+    @abstractmethod
+    def _list(self) -> list[JobStatus]: ...
+
+    @abstractmethod
+    def _logs(self, name: str, *, stage: str | None, rank: int | None, follow: bool) -> Iterator[str]: ...
+
+    @abstractmethod
+    def _cancel(self, name: str) -> str: ...
+
+    def _wait(self, name: str, *, follow: bool, poll_s: float) -> int:
+        import time
+
+        from .display import progress_line
+
+        last = ""
+        while True:
+            status = self.status(name)
+            line = progress_line(status)
+            if follow and line != last:
+                print(line, flush=True)
+                last = line
+            if status.done:
+                return 0 if status.phase == "Succeeded" else 1
+            time.sleep(poll_s)
