@@ -1,0 +1,126 @@
+"""The pod template of a stage: container, volumes, security, placement on its pool.
+
+Every replica (Master and Worker) uses the same template; the training operator adds
+the rendezvous environment (`PET_*`, `MASTER_ADDR`, ...) that torchrun reads, so the
+command carries no distributed flags.
+"""
+
+from __future__ import annotations
+
+from ps3_platform.spec import JobSpec, Pool, Stage, storage_of
+
+from .configmap import SPEC_PATH, spec_mount, spec_volume
+from .errors import CompileError
+from .options import CompileOptions
+
+CONTAINER_NAME = "pytorch"  # the operator requires a container of this name
+RDZV_PORT_NAME = "pytorchjob-port"
+RDZV_PORT = 23456
+METRICS_PORT_NAME = "metrics"
+SHM_VOLUME = "dshm"
+#: Numeric ids so `runAsNonRoot` can be verified even for images whose USER is a name.
+RUN_AS_ID = 1000
+#: Environment the compiler derives from spec.storage (a stage's env may not set these).
+PLATFORM_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def command(stage_name: str) -> list[str]:
+    return ["torchrun", "--module", "ps3_platform.runtime", "--spec", SPEC_PATH, "--stage", stage_name]
+
+
+def _env(job: JobSpec, stage: Stage) -> list[dict]:
+    """Stage env (sorted, so output is stable) then storage settings; credentials only by reference."""
+    storage = storage_of(job)
+    clash = sorted(set(stage.env) & set(PLATFORM_ENV))
+    if clash:
+        raise CompileError(f"stage {stage.name!r}: env {', '.join(clash)} is set by the platform from spec.storage; "
+                           "remove it from env")
+    env = [{"name": k, "value": v} for k, v in sorted(stage.env.items())]
+    if storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+    if storage.region:
+        env += [{"name": "AWS_REGION", "value": storage.region}, {"name": "AWS_DEFAULT_REGION", "value": storage.region}]
+    if storage.credentials_secret:
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": storage.credentials_secret, "key": key}}})
+    return env
+
+
+def _ports(stage: Stage) -> list[dict]:
+    """Rendezvous port, then one metrics port per local rank (the runtime serves base + local rank)."""
+    ports = [{"name": RDZV_PORT_NAME, "containerPort": RDZV_PORT, "protocol": "TCP"}]
+    base = stage.monitoring.port
+    for local_rank in range(stage.resources.nproc):
+        name = METRICS_PORT_NAME if local_rank == 0 else f"{METRICS_PORT_NAME}-{local_rank}"
+        ports.append({"name": name, "containerPort": base + local_rank, "protocol": "TCP"})
+    return ports
+
+
+def _resources(stage: Stage, pool: Pool) -> dict:
+    """Requests for cpu/memory/GPUs; limits for memory and GPUs (no CPU limit: throttling hurts)."""
+    res = stage.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.cpu is not None:
+        requests["cpu"] = str(res.cpu)
+    if res.memory is not None:
+        requests["memory"] = limits["memory"] = str(res.memory)
+    if res.gpus_per_node:
+        requests[pool.gpu_resource] = limits[pool.gpu_resource] = str(res.gpus_per_node)
+    out = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _container(job: JobSpec, stage: Stage, pool: Pool, image: str) -> dict:
+    container = {
+        "name": CONTAINER_NAME,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": command(stage.name),
+        "env": _env(job, stage),
+        "ports": _ports(stage),
+        "volumeMounts": [spec_mount(), {"name": SHM_VOLUME, "mountPath": "/dev/shm"}],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if resources := _resources(stage, pool):
+        container["resources"] = resources
+    if not container["env"]:
+        del container["env"]
+    return container
+
+
+def pod_template(job: JobSpec, stage: Stage, pool: Pool, labels: dict[str, str], options: CompileOptions,
+                 image: str | None) -> dict:
+    """PodTemplateSpec for every replica of `stage` on `pool`."""
+    spec: dict = {
+        "serviceAccountName": options.job_service_account,
+        "terminationGracePeriodSeconds": options.termination_grace_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_ID,
+            "runAsGroup": RUN_AS_ID,
+            "fsGroup": RUN_AS_ID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [_container(job, stage, pool, options.image_for(image))],
+        "volumes": [
+            spec_volume(job.metadata.name),
+            {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": str(stage.resources.shm_size)}},
+        ],
+    }
+    if pool.node_selector:
+        spec["nodeSelector"] = dict(pool.node_selector)
+    if pool.tolerations:
+        spec["tolerations"] = [dict(t) for t in pool.tolerations]
+    if pool.priority_class:
+        spec["priorityClassName"] = pool.priority_class
+    return {"metadata": {"labels": dict(labels)}, "spec": spec}
