@@ -25,8 +25,8 @@ def configmap_name(job_name: str) -> str:
 
 
 def spec_text(job: JobSpec) -> str:
-    """The resolved spec as YAML, in model field order (readable with `kubectl get -o yaml`)."""
-    return yaml.safe_dump(resolved(job), sort_keys=False, default_flow_style=False, width=120)
+    """The resolved spec as YAML with sorted keys: key order in the user's file must not matter."""
+    return yaml.safe_dump(resolved(job), sort_keys=True, default_flow_style=False, width=120)
 
 
 def spec_configmap(job: JobSpec, digest: str, namespace: str | None) -> dict:
