@@ -1,0 +1,313 @@
+"""The Kubernetes backend: jobs are compiled objects in a namespace, driven by operators.
+
+- submit: ConfigMap(s) first (pods mount them), then the PyTorchJob (TrainingJob) or
+  Argo Workflow (Pipeline); then the ConfigMaps get an owner reference to it, so the
+  operator's ttlSecondsAfterFinished (or a Workflow's deletion) removes them too.
+  Idempotent: the `ps3.platform/spec-hash` annotation tells "unchanged" from "changed".
+- status/list: PyTorchJob conditions (and the Workflow phase for Pipelines), the stage
+  list from the job's spec ConfigMap, progress from the tail of the rank-0 pod log.
+- logs: pods by the operator's `training.kubeflow.org/job-name` label.
+- cancel: Workflow, PyTorchJobs and ConfigMap, Foreground propagation.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+from kubernetes import client
+
+from ps3_platform.compile.configmap import configmap_name
+from ps3_platform.compile.labels import (
+    BASE_LABELS,
+    COMPONENT_LABEL,
+    JOB_LABEL,
+    KIND_ANNOTATION,
+    OPERATOR_JOB_NAME_LABEL,
+    SPEC_HASH_ANNOTATION,
+    STAGE_LABEL,
+)
+from ps3_platform.compile.pytorchjob import pytorchjob_name
+from ps3_platform.spec import (
+    JobSpec,
+    POOLS_CONFIGMAP,
+    POOLS_KEY,
+    PoolConfig,
+    SpecError,
+    load_pools,
+    load_text,
+    parse_pools,
+    stages_of,
+)
+
+from ..base import Backend, BackendError, JobNotFoundError, JobStatus, SubmitResult
+from . import status as st
+from .api import CONFIGMAP, POD, PYTORCHJOB, WORKFLOW, Conflict, Kube
+from .config import connect
+from .logs import follow_streams, prefixed
+
+RESOURCES = {"ConfigMap": CONFIGMAP, "PyTorchJob": PYTORCHJOB, "Workflow": WORKFLOW}
+MANAGED = f"app.kubernetes.io/managed-by={BASE_LABELS['app.kubernetes.io/managed-by']}"
+#: Log lines read to find a running stage's progress.
+PROGRESS_TAIL_LINES = 200
+
+
+def _meta(obj: dict | None, key: str, field: str = "annotations") -> str | None:
+    return (((obj or {}).get("metadata") or {}).get(field) or {}).get(key)
+
+
+class KubernetesBackend(Backend):
+    """Jobs as PyTorchJobs / Argo Workflows in one namespace of a cluster."""
+
+    name = "kubernetes"
+
+    def __init__(self, *, config_file: str | None = None, context: str | None = None, namespace: str | None = None,
+                 api_client: client.ApiClient | None = None, poll_s: float = 1.0, delete_timeout_s: float = 300.0):
+        """`api_client` bypasses kubeconfig loading (tests); `namespace` beats the context's."""
+        if api_client is None:
+            api_client, default_namespace = connect(config_file, context)
+        else:
+            default_namespace = "default"
+        self.namespace = namespace or default_namespace
+        self.kube = Kube(api_client)
+        self.poll_s = poll_s
+        self.delete_timeout_s = delete_timeout_s
+
+    # ---- pools ------------------------------------------------------------------------
+    def fetch_pools(self, namespace: str | None = None) -> PoolConfig:
+        """Pool configuration from the `ps3-platform-pools` ConfigMap the Helm chart writes."""
+        ns = namespace or self.namespace
+        cm = self.kube.get(CONFIGMAP, POOLS_CONFIGMAP, ns)
+        if cm is None or POOLS_KEY not in (cm.get("data") or {}):
+            raise BackendError(f"no pool configuration: ConfigMap {POOLS_CONFIGMAP!r} with key {POOLS_KEY!r} not found "
+                               f"in namespace {ns!r}; install the ps3-platform Helm chart there or pass --pools FILE")
+        return parse_pools(cm["data"][POOLS_KEY], f"configmap {ns}/{POOLS_CONFIGMAP}")
+
+    def pools(self, path: str | None = None) -> PoolConfig:
+        """`--pools FILE` when given, else the cluster's pool ConfigMap."""
+        return load_pools(path) if path else self.fetch_pools()
+
+    # ---- submit -----------------------------------------------------------------------
+    def _submit(self, job: JobSpec, objects: list[dict], *, replace: bool) -> SubmitResult:
+        name = job.metadata.name
+        if not objects:
+            raise BackendError(f"job {name!r}: nothing to submit (compile the spec for the kubernetes backend first)")
+        ns = next((o["metadata"]["namespace"] for o in objects if o["metadata"].get("namespace")), self.namespace)
+        objects = [{**o, "metadata": {**o["metadata"], "namespace": ns}} for o in objects]
+        configmaps = [o for o in objects if o["kind"] == "ConfigMap"]
+        workloads = [o for o in objects if o["kind"] != "ConfigMap"]
+        new_hash = _meta(workloads[0], SPEC_HASH_ANNOTATION)
+        live = self._live_record(job, workloads[0], ns)
+        if live is not None:
+            old_hash = _meta(live, SPEC_HASH_ANNOTATION)
+            if old_hash == new_hash and _meta(live, KIND_ANNOTATION) == job.kind:
+                return SubmitResult(name, False, f"job {name!r} already exists in namespace {ns!r}, unchanged")
+            if not replace:
+                raise BackendError(
+                    f"job {name!r} already exists in namespace {ns!r} with a different spec "
+                    f"(spec-hash {str(old_hash)[:12]} -> {str(new_hash)[:12]}); use --replace to delete and recreate it")
+            self._delete_all(name, ns)
+            self._wait_deleted(workloads + configmaps, ns)
+        return self._create(name, ns, configmaps, workloads, replaced=live is not None)
+
+    def _live_record(self, job: JobSpec, primary: dict, ns: str) -> dict | None:
+        """The running object this submit would collide with: the workload itself, or a
+        different kind of job of the same name (recognised by its spec ConfigMap)."""
+        existing = self.kube.get(RESOURCES[primary["kind"]], primary["metadata"]["name"], ns)
+        if existing is not None:
+            return existing
+        cm = self.kube.get(CONFIGMAP, configmap_name(job.metadata.name), ns)
+        if cm is not None and _meta(cm, KIND_ANNOTATION) not in (None, job.kind):
+            return cm
+        return None
+
+    def _create(self, name: str, ns: str, configmaps: list[dict], workloads: list[dict], *, replaced: bool):
+        for cm in configmaps:
+            try:
+                self.kube.create(CONFIGMAP, cm, ns)
+            except Conflict:
+                self.kube.replace(CONFIGMAP, cm, ns)  # a leftover of an earlier job: no workload uses it
+        created = []
+        try:
+            for obj in workloads:
+                created.append(self.kube.create(RESOURCES[obj["kind"]], obj, ns))
+        except BackendError:
+            for cm in configmaps:  # do not leave a spec behind that no job uses
+                self.kube.delete(CONFIGMAP, cm["metadata"]["name"], ns)
+            raise
+        warning = self._adopt(configmaps, created[0], ns)
+        names = ", ".join(f"{o['kind']} {o['metadata']['name']}" for o in configmaps + workloads)
+        verb = "replaced" if replaced else "created"
+        return SubmitResult(name, True, f"job {name!r} {verb} in namespace {ns!r}: {names}{warning}")
+
+    def _adopt(self, configmaps: list[dict], owner: dict, ns: str) -> str:
+        """Make the workload own the ConfigMaps (garbage-collected with it); best effort."""
+        ref = {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": owner["metadata"]["name"],
+               "uid": owner["metadata"]["uid"], "blockOwnerDeletion": False}
+        for cm in configmaps:
+            try:
+                self.kube.patch(CONFIGMAP, cm["metadata"]["name"], {"metadata": {"ownerReferences": [ref]}}, ns)
+            except BackendError as exc:
+                return f" (warning: ConfigMap {cm['metadata']['name']} will not be garbage-collected: {exc})"
+        return ""
+
+    def _wait_deleted(self, objects: list[dict], ns: str) -> None:
+        """Foreground deletion finishes when the dependents (pods) are gone: wait for it."""
+        deadline = time.monotonic() + self.delete_timeout_s
+        for obj in objects:
+            res = RESOURCES[obj["kind"]]
+            while self.kube.get(res, obj["metadata"]["name"], ns, missing_api_ok=True) is not None:
+                if time.monotonic() > deadline:
+                    raise BackendError(f"timed out after {self.delete_timeout_s:.0f}s waiting for {obj['kind']} "
+                                       f"{obj['metadata']['name']!r} to be deleted; try again later")
+                time.sleep(self.poll_s)
+
+    # ---- status -----------------------------------------------------------------------
+    def _spec(self, cm: dict | None) -> JobSpec | None:
+        text = ((cm or {}).get("data") or {}).get("spec.yaml")
+        if not text:
+            return None
+        try:
+            return load_text(text, f"configmap {cm['metadata']['name']}").job
+        except SpecError:
+            return None  # written by another platformctl version: fall back to the objects
+
+    def _status(self, name: str) -> JobStatus:
+        ns = self.namespace
+        cm = self.kube.get(CONFIGMAP, configmap_name(name), ns)
+        jobs = self.kube.list(PYTORCHJOB, ns, f"{JOB_LABEL}={name}")
+        kind = _meta(cm, KIND_ANNOTATION) or next((_meta(j, KIND_ANNOTATION) for j in jobs), None)
+        workflow = None
+        if kind in (None, "Pipeline"):
+            workflow = self.kube.get(WORKFLOW, name, ns, missing_api_ok=True)
+        if cm is None and not jobs and workflow is None:
+            raise JobNotFoundError(f"job {name!r} not found in namespace {ns!r}")
+        return self._assemble(name, cm, jobs, workflow, progress=True)
+
+    def _assemble(self, name: str, cm: dict | None, jobs: list[dict], workflow: dict | None, *,
+                  progress: bool) -> JobStatus:
+        spec = self._spec(cm)
+        objs = st.by_stage(jobs)
+        kind = _meta(cm, KIND_ANNOTATION) or ("Pipeline" if workflow else None) or \
+            next((_meta(j, KIND_ANNOTATION) for j in jobs), None) or "TrainingJob"
+        stage_specs = {s.name: s for s in stages_of(spec)} if spec else {}
+        names = list(stage_specs) or sorted(objs)
+        stages = []
+        for stage_name in names:
+            stage_spec = stage_specs.get(stage_name)
+            obj = objs.get(stage_name)
+            found = self._progress(obj) if progress and st.pytorchjob_phase(obj)[0] in ("Running", "Restarting") else None
+            stages.append(st.stage_status(
+                stage_name, obj, progress=found,
+                total_steps=stage_spec.train.total_steps if stage_spec else None,
+                global_batch=stage_spec.train.global_batch if stage_spec else None))
+        if kind == "Pipeline":
+            phase = st.workflow_phase(workflow) if workflow else st.pipeline_phase(stages)
+            if phase in ("Succeeded", "Failed"):
+                for stage in stages:
+                    if stage.phase == "Pending":
+                        stage.phase = "Skipped"
+            main = workflow
+            conditions = ((workflow or {}).get("status") or {}).get("conditions") or []
+            finished = st.parse_time(((workflow or {}).get("status") or {}).get("finishedAt"))
+        else:
+            main = next(iter(objs.values()), None)
+            phase = stages[0].phase if stages else "Pending"
+            conditions = ((main or {}).get("status") or {}).get("conditions") or []
+            finished = st.parse_time(((main or {}).get("status") or {}).get("completionTime"))
+        created = st.parse_time(((main or cm or {}).get("metadata") or {}).get("creationTimestamp"))
+        checkpoints = None
+        if spec and stages_of(spec)[0].checkpoint.uri:
+            checkpoints = f"{stages_of(spec)[0].checkpoint.uri.rstrip('/')}/{name}"
+        return JobStatus(name=name, kind=kind, backend=self.name, phase=phase, stages=stages,
+                         conditions=[dict(c) for c in conditions], checkpoints=checkpoints,
+                         created=created, finished=finished)
+
+    def _progress(self, obj: dict | None) -> dict | None:
+        """Last progress line of the pod running rank 0 (any pod, for elastic stages)."""
+        if obj is None:
+            return None
+        try:
+            pods = self.kube.list(POD, self.namespace, f"{OPERATOR_JOB_NAME_LABEL}={obj['metadata']['name']}")
+            for _, pod in st.ranked_pods(pods)[:4]:
+                if (pod.get("status") or {}).get("phase") != "Running":
+                    continue
+                found = st.parse_progress(self.kube.pod_log(pod["metadata"]["name"], self.namespace,
+                                                            tail_lines=PROGRESS_TAIL_LINES))
+                if found:
+                    return found
+        except BackendError:
+            return None  # progress is a nicety: no pods/log permission must not break status
+        return None
+
+    def _list(self) -> list[JobStatus]:
+        ns = self.namespace
+        cms = self.kube.list(CONFIGMAP, ns, f"{MANAGED},{COMPONENT_LABEL}=spec")
+        jobs = self.kube.list(PYTORCHJOB, ns, MANAGED)
+        workflows = self.kube.list(WORKFLOW, ns, MANAGED, missing_api_ok=True)
+        names = sorted({_meta(o, JOB_LABEL, "labels") for o in cms + jobs + workflows} - {None})
+        return [
+            self._assemble(name,
+                           next((c for c in cms if _meta(c, JOB_LABEL, "labels") == name), None),
+                           [j for j in jobs if _meta(j, JOB_LABEL, "labels") == name],
+                           next((w for w in workflows if _meta(w, JOB_LABEL, "labels") == name), None),
+                           progress=False)
+            for name in names
+        ]
+
+    # ---- logs -------------------------------------------------------------------------
+    def _default_stage(self, name: str) -> str:
+        """The newest stage that has a PyTorchJob (the one running, or the last to run)."""
+        jobs = self.kube.list(PYTORCHJOB, self.namespace, f"{JOB_LABEL}={name}")
+        if not jobs:
+            raise JobNotFoundError(f"job {name!r} has no started stage in namespace {self.namespace!r}")
+        newest = max(jobs, key=lambda j: (j["metadata"].get("creationTimestamp") or "", j["metadata"]["name"]))
+        return _meta(newest, STAGE_LABEL, "labels") or newest["metadata"]["name"].removeprefix(f"{name}-")
+
+    def _logs(self, name: str, *, stage: str | None, rank: int | None, follow: bool) -> Iterator[str]:
+        ns = self.namespace
+        stage = stage or self._default_stage(name)
+        job_name = pytorchjob_name(name, stage)
+        pods = st.ranked_pods(self.kube.list(POD, ns, f"{OPERATOR_JOB_NAME_LABEL}={job_name}"))
+        if not pods:
+            if self.kube.get(PYTORCHJOB, job_name, ns) is None:
+                raise JobNotFoundError(f"job {name!r} has no stage {stage!r} in namespace {ns!r}")
+            raise BackendError(f"stage {stage!r} of job {name!r} has no pods yet (pending scheduling or admission)")
+        if rank is not None:
+            pods = [(r, p) for r, p in pods if r == rank]
+            if not pods:
+                raise BackendError(f"stage {stage!r} of job {name!r} has no rank {rank} "
+                                   f"(ranks are pods: 0 = master-0, then the workers)")
+        many = len(pods) > 1
+        if follow:
+            streams = [(f"[rank {r}] " if many else "", self.kube.pod_log_stream(p["metadata"]["name"], ns))
+                       for r, p in pods]
+            return follow_streams(streams)
+        return self._log_lines(pods, ns, many)
+
+    def _log_lines(self, pods: list[tuple[int, dict]], ns: str, many: bool) -> Iterator[str]:
+        texts = [(r, self.kube.pod_log(p["metadata"]["name"], ns)) for r, p in pods]  # errors before any output
+        for r, text in texts:
+            yield from prefixed(text.splitlines(keepends=True), f"[rank {r}] " if many else "")
+
+    # ---- cancel -----------------------------------------------------------------------
+    def _delete_all(self, name: str, ns: str) -> list[str]:
+        """Delete everything of job `name`; returns what was deleted ('Kind name')."""
+        cm = self.kube.get(CONFIGMAP, configmap_name(name), ns)
+        deleted = []
+        # The Workflow first, so it cannot start another stage while its jobs go.
+        if _meta(cm, KIND_ANNOTATION) in (None, "Pipeline") and self.kube.delete(WORKFLOW, name, ns):
+            deleted.append(f"Workflow {name}")
+        for job in self.kube.list(PYTORCHJOB, ns, f"{JOB_LABEL}={name}"):
+            if self.kube.delete(PYTORCHJOB, job["metadata"]["name"], ns):
+                deleted.append(f"PyTorchJob {job['metadata']['name']}")
+        if cm is not None and self.kube.delete(CONFIGMAP, configmap_name(name), ns):
+            deleted.append(f"ConfigMap {configmap_name(name)}")
+        return deleted
+
+    def _cancel(self, name: str) -> str:
+        deleted = self._delete_all(name, self.namespace)
+        if not deleted:
+            raise JobNotFoundError(f"job {name!r} not found in namespace {self.namespace!r}")
+        return f"job {name!r} cancelled in namespace {self.namespace!r}: deleted {', '.join(deleted)}"
+

@@ -1,0 +1,117 @@
+"""PyTorchJob / Workflow status -> the backend-neutral `JobStatus` (pure functions).
+
+Phase rule: the *last* condition whose status is "True" wins (the operator appends the
+newest condition last, and flips Running to False on Succeeded/Failed/Suspended; the
+`kubectl get pytorchjob` STATE column reads the last entry the same way).
+
+Progress (step/total, loss, samples/s) is not in any Kubernetes object; rank 0 logs
+`step N/T loss L lr X S samples/s` every `monitoring.logEverySteps` steps, so a running
+stage's progress is the last such line in the tail of its rank-0 pod log.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from ps3_platform.compile.labels import STAGE_LABEL
+
+from ..base import StageStatus
+
+PYTORCHJOB_PHASES = ("Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
+#: Argo Workflow phases -> ours ("Error" is an Argo-side failure, e.g. the executor died).
+WORKFLOW_PHASES = {"": "Pending", "Pending": "Pending", "Running": "Running", "Succeeded": "Succeeded",
+                   "Failed": "Failed", "Error": "Failed"}
+_PROGRESS = re.compile(r"step (\d+)/(\d+) loss (\S+) lr \S+ ([0-9.]+) samples/s")
+
+
+def parse_time(stamp: str | None) -> float | None:
+    """RFC 3339 timestamp of the API server -> epoch seconds."""
+    if not stamp:
+        return None
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def last_true_condition(obj: dict | None) -> dict | None:
+    conditions = ((obj or {}).get("status") or {}).get("conditions") or []
+    true = [c for c in conditions if c.get("status") == "True" and c.get("type") in PYTORCHJOB_PHASES]
+    return true[-1] if true else None
+
+
+def pytorchjob_phase(obj: dict | None) -> tuple[str, str]:
+    """(phase, message) of a PyTorchJob; Pending when it does not exist or has no condition yet."""
+    if obj is None:
+        return "Pending", ""
+    condition = last_true_condition(obj)
+    if condition is None:
+        return "Pending", ""
+    return condition["type"], condition.get("message", "")
+
+
+def active_workers(obj: dict | None) -> int | None:
+    replicas = ((obj or {}).get("status") or {}).get("replicaStatuses") or {}
+    return sum(int(r.get("active") or 0) for r in replicas.values()) if replicas else None
+
+
+def parse_progress(text: str) -> dict | None:
+    """The newest progress line in a log tail: step, total, loss, samples/s."""
+    matches = _PROGRESS.findall(text)
+    if not matches:
+        return None
+    step, total, loss, rate = matches[-1]
+    return {"step": int(step), "total_steps": int(total), "loss": float(loss), "samples_per_s": float(rate)}
+
+
+def eta_seconds(progress: dict, global_batch: int | None) -> float | None:
+    if not global_batch or not progress.get("samples_per_s"):
+        return None
+    steps_per_s = progress["samples_per_s"] / global_batch
+    return max(0.0, (progress["total_steps"] - progress["step"]) / steps_per_s)
+
+
+def stage_status(name: str, obj: dict | None, *, total_steps: int | None = None,
+                 progress: dict | None = None, global_batch: int | None = None) -> StageStatus:
+    phase, message = pytorchjob_phase(obj)
+    status = StageStatus(name=name, phase=phase, total_steps=total_steps, workers=active_workers(obj), message=message)
+    if progress:
+        status.step = progress["step"]
+        status.total_steps = progress["total_steps"]
+        status.loss = progress["loss"]
+        status.samples_per_s = progress["samples_per_s"]
+        status.eta_s = eta_seconds(progress, global_batch)
+    return status
+
+
+def workflow_phase(obj: dict) -> str:
+    return WORKFLOW_PHASES.get((obj.get("status") or {}).get("phase", ""), "Pending")
+
+
+def pipeline_phase(stages: list[StageStatus]) -> str:
+    """A Pipeline's phase from its stages, when there is no Workflow to ask."""
+    phases = [s.phase for s in stages]
+    if "Failed" in phases:
+        return "Failed"
+    if phases and all(p == "Succeeded" for p in phases):
+        return "Succeeded"
+    if any(p in ("Running", "Restarting", "Created") for p in phases) or "Succeeded" in phases:
+        return "Running"
+    return "Pending"
+
+
+def by_stage(objects: list[dict]) -> dict[str, dict]:
+    return {o["metadata"].get("labels", {}).get(STAGE_LABEL, o["metadata"]["name"]): o for o in objects}
+
+
+def pod_rank(pod: dict, has_master: bool) -> int:
+    """Node rank of a pod as the operator numbers them: master-0 is 0, worker-i is i+1
+    (or i when there is no Master, as in elastic stages)."""
+    labels = pod["metadata"].get("labels", {})
+    index = int(labels.get("training.kubeflow.org/replica-index", 0))
+    if labels.get("training.kubeflow.org/replica-type") == "master":
+        return 0
+    return index + 1 if has_master else index
+
+
+def ranked_pods(pods: list[dict]) -> list[tuple[int, dict]]:
+    has_master = any(p["metadata"].get("labels", {}).get("training.kubeflow.org/replica-type") == "master" for p in pods)
+    return sorted(((pod_rank(p, has_master), p) for p in pods), key=lambda rp: rp[0])
