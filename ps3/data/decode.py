@@ -1,0 +1,155 @@
+"""Image decoding that does only the work a PS3 step needs.
+
+A 4K JPEG is 8-16 megapixels, but a step needs a 378 view, a 1512 view and small windows
+around one box. So: (1) JPEGs are decoded once, at the smallest power-of-two DCT scale
+(1/8, 1/4, 1/2, 1; libjpeg-turbo via simplejpeg) that still has at least as many pixels
+as the largest view asked for; (2) every view is made from that one decode, shrunk first
+by an integer box `reduce` when it is much larger than the view (what Pillow's
+`reducing_gap` does); (3) high-res scales are never built whole: only the window of the
+view that holds the selected patches is resampled (Pillow's `resize(box=...)` computes
+exactly the pixels the full resize would have there).
+
+`plain_*` functions are the straightforward method (full decode, full resizes) that tests
+and `bench/data_4k.py` compare against.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import simplejpeg
+from PIL import Image
+
+from .records import BadSample
+
+#: Pillow guards against decompression bombs at ~179 MP; 4K-and-beyond data is legitimate.
+Image.MAX_IMAGE_PIXELS = 400_000_000
+DCT_SCALES = (0.125, 0.25, 0.5, 1.0)
+#: A view is made from a source at least this many times its size (cf. Pillow reducing_gap):
+#: larger sources are box-reduced first. 2.0 keeps results within the tested tolerance.
+REDUCING_GAP = 2.0
+
+
+@dataclass
+class Decoded:
+    """A decoded RGB image and its scale relative to the stored image."""
+
+    image: Image.Image
+    width: int  # stored (original) size, what boxes refer to
+    height: int
+
+    @property
+    def scale(self) -> float:
+        return self.image.width / self.width
+
+
+def _is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def decode(data: bytes, key: str, need: int = 0) -> Decoded:
+    """Decode so that both sides keep >= `need` pixels (0: full size); BadSample if corrupt."""
+    try:
+        if _is_jpeg(data):
+            return _decode_jpeg(data, need)
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            size = im.size
+            return Decoded(im.convert("RGB"), *size)
+    except BadSample:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadSample("bad_image", key, f"{type(exc).__name__}: {exc}") from None
+
+
+def _decode_jpeg(data: bytes, need: int) -> Decoded:
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return _decode_jpeg_pil(data, need)  # e.g. CMYK or lossless JPEG: Pillow handles them
+    scale = dct_scale(width, height, need)
+    try:
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=math.ceil(height * scale),
+                                     min_width=math.ceil(width * scale), strict=True)
+    except ValueError as exc:
+        if "truncat" in str(exc).lower() or "premature" in str(exc).lower():
+            raise
+        return _decode_jpeg_pil(data, need)
+    return Decoded(Image.fromarray(arr), width, height)
+
+
+def _decode_jpeg_pil(data: bytes, need: int) -> Decoded:
+    im = Image.open(io.BytesIO(data))
+    size = im.size
+    if need:
+        scale = dct_scale(*size, need)
+        im.draft("RGB", (math.ceil(size[0] * scale), math.ceil(size[1] * scale)))
+    im.load()
+    return Decoded(im.convert("RGB"), *size)
+
+
+def dct_scale(width: int, height: int, need: int) -> float:
+    """Smallest power-of-two JPEG scale keeping both sides >= need (1.0 if none does)."""
+    if need <= 0:
+        return 1.0
+    return next((s for s in DCT_SCALES if width * s >= need and height * s >= need), 1.0)
+
+
+def full_view(dec: Decoded, size: int) -> np.ndarray:
+    """The squash-resized size x size view (bicubic), uint8 [size, size, 3]."""
+    src = _reduced(dec.image, size)
+    return np.asarray(src.resize((size, size), Image.BICUBIC))
+
+
+def window_view(dec: Decoded, size: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Pixels box=(x0, y0, x1, y1) of the size x size view, without building the view.
+
+    uint8 [y1 - y0, x1 - x0, 3].
+    """
+    x0, y0, x1, y1 = box
+    src = dec.image
+    k = _reduce_factor(src, size)
+    if k > 1:  # only for views far smaller than the decode (e.g. a 756 window of an 8K image)
+        src = src.reduce(k)
+    sx, sy = src.width / size, src.height / size
+    region = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+    return np.asarray(src.resize((x1 - x0, y1 - y0), Image.BICUBIC, box=region))
+
+
+def _reduce_factor(src: Image.Image, size: int) -> int:
+    return max(1, int(min(src.width, src.height) / (size * REDUCING_GAP)))
+
+
+def _reduced(src: Image.Image, size: int) -> Image.Image:
+    k = _reduce_factor(src, size)
+    return src.reduce(k) if k > 1 else src
+
+
+# ---- the plain method (reference for tests and the benchmark) --------------------------
+def plain_decode(data: bytes) -> Image.Image:
+    """Full-resolution decode with Pillow."""
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+def plain_view(image: Image.Image, size: int) -> np.ndarray:
+    """Direct bicubic squash resize of the full image, uint8 [size, size, 3]."""
+    return np.asarray(image.resize((size, size), Image.BICUBIC))
+
+
+def decode_sample(key: str, image: bytes, raw_json: bytes | None, need: int = 0):
+    """Validate a sample's json, decode its image, check they agree: (Record, Decoded).
+
+    Raises BadSample with the first problem found (json problems before image ones, so a
+    sample with both is counted once, under the cheaper check).
+    """
+    from .records import parse_record
+
+    record = parse_record(key, raw_json)
+    dec = decode(image, key, need)
+    if (dec.width, dec.height) != (record.width, record.height):
+        raise BadSample("size_mismatch", key, f"image {dec.width}x{dec.height}, json {record.width}x{record.height}")
+    return record, dec

@@ -1,0 +1,144 @@
+"""Per-source `index.json`: which shards a source has and how many samples each holds.
+
+The loader needs sample counts up front (per-source streams are permutations of
+0..N-1) without touching every shard; the index gives them in one small read. It is
+written by `ShardWriter.close()` or rebuilt by `build_index(uri)` (`platformctl data
+index URI`) after shards were added or copied by other tools.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from .fs import filesystem, fs_uri, join
+from .shards import SampleEntry, read_sidecar, scan_shard, write_sidecar
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "ps3-wds/1"
+log = logging.getLogger(__name__)
+
+
+class DataSourceError(RuntimeError):
+    """A source cannot be used at all (no index, no readable shard); names the URI."""
+
+
+def build_index(uri: str, source: str | None = None) -> dict:
+    """Scan the shards under `uri` (using offset tables where valid), write index.json.
+
+    Returns the index: {"format", "source", "samples", "boxes", "global_captions",
+    "shards": [{"name", "samples", "boxes", "global_captions", "bytes", "error"?}]}.
+    A shard that cannot be scanned at all is listed with 0 samples and its error.
+    """
+    fs, path = filesystem(uri)
+    if not fs.isdir(path):
+        raise DataSourceError(f"no source directory at {uri}")
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if p.endswith(".tar"))
+    shards = [_shard_summary(fs, f"{path}/{name}") | {"name": name} for name in names]
+    index = {
+        "format": INDEX_FORMAT,
+        "source": source or path.rsplit("/", 1)[-1],
+        "samples": sum(s["samples"] for s in shards),
+        "boxes": sum(s["boxes"] for s in shards),
+        "global_captions": sum(s["global_captions"] for s in shards),
+        "shards": shards,
+    }
+    fs.pipe_file(f"{path}/{INDEX_NAME}", json.dumps(index, indent=1).encode())
+    return index
+
+
+def _shard_summary(fs, shard_path: str) -> dict:
+    size = fs.size(shard_path)
+    cached = read_sidecar(fs, shard_path)
+    error = None
+    if cached is not None and cached[0] == size:
+        samples = cached[1]
+    else:
+        try:
+            scan = scan_shard(fs, shard_path)
+        except OSError as exc:
+            return {"samples": 0, "boxes": 0, "global_captions": 0, "bytes": size, "error": str(exc)}
+        samples, error = scan.samples, scan.error
+        write_sidecar(fs, shard_path, samples, size)
+    summary = {"samples": len(samples), "boxes": sum(s.boxes for s in samples),
+               "global_captions": sum(s.has_global for s in samples), "bytes": size}
+    return summary | ({"error": error} if error else {})
+
+
+def read_index(uri: str) -> dict:
+    """The parsed index.json of a source; DataSourceError naming the URI if absent or bad."""
+    fs, path = filesystem(uri)
+    try:
+        index = json.loads(fs.cat_file(f"{path}/{INDEX_NAME}"))
+    except FileNotFoundError:
+        raise DataSourceError(
+            f"no {INDEX_NAME} in {uri}; build it with `platformctl data index {uri}`") from None
+    except (OSError, ValueError) as exc:
+        raise DataSourceError(f"cannot read {join(uri, INDEX_NAME)}: {exc}") from None
+    if index.get("format") != INDEX_FORMAT or not isinstance(index.get("shards"), list):
+        raise DataSourceError(f"{join(uri, INDEX_NAME)} is not a {INDEX_FORMAT} index; rebuild it")
+    return index
+
+
+@dataclass
+class SourceIndex:
+    """Random access to a source's samples: global sample number -> shard and offsets.
+
+    Offset tables are loaded lazily and kept in a small LRU cache, so a source with
+    thousands of shards costs one small read per shard actually visited.
+    """
+
+    uri: str
+    shards: list[str]
+    counts: list[int]
+    global_captions: int
+    cache_size: int = 64
+    _starts: list[int] = field(default_factory=list, repr=False)
+    _tables: OrderedDict = field(default_factory=OrderedDict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._starts = [0]
+        for n in self.counts:
+            self._starts.append(self._starts[-1] + n)
+        self.fs, self.path = filesystem(self.uri)
+
+    @classmethod
+    def open(cls, uri: str) -> "SourceIndex":
+        """Read index.json and check that at least one listed shard exists."""
+        index = read_index(uri)
+        listed = [(s["name"], int(s["samples"])) for s in index["shards"] if int(s["samples"]) > 0]
+        fs, path = filesystem(uri)
+        present = {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+        live = [(n, c) for n, c in listed if n in present]
+        if not live:
+            raise DataSourceError(f"source {uri} has no readable shard (index lists {len(listed)} non-empty)")
+        if len(live) < len(listed):
+            log.warning("source %s: %d of %d shards missing; using the rest", uri, len(listed) - len(live), len(listed))
+        return cls(uri, [n for n, _ in live], [c for _, c in live], int(index.get("global_captions", 0)))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def locate(self, i: int) -> tuple[str, SampleEntry]:
+        """(shard path, entry) of sample number `i`; raises OSError/IndexError on a bad shard."""
+        s = bisect.bisect_right(self._starts, i) - 1
+        shard_path = f"{self.path}/{self.shards[s]}"
+        table = self._table(shard_path)
+        return shard_path, table[i - self._starts[s]]
+
+    def _table(self, shard_path: str) -> list[SampleEntry]:
+        if shard_path in self._tables:
+            self._tables.move_to_end(shard_path)
+            return self._tables[shard_path]
+        cached = read_sidecar(self.fs, shard_path)
+        table = cached[1] if cached is not None else scan_shard(self.fs, shard_path).samples
+        self._tables[shard_path] = table
+        if len(self._tables) > self.cache_size:
+            self._tables.popitem(last=False)
+        return table
+
+    def describe(self) -> str:
+        return fs_uri(self.fs, self.path)

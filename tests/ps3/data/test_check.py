@@ -1,0 +1,63 @@
+"""`check_source`: counts per shard, bad records by reason, damaged tars."""
+
+from __future__ import annotations
+
+from ps3.data.check import check_source
+from ps3.data.fs import filesystem
+
+from .conftest import BAD_CASES, write_bad_source, write_source
+
+
+def test_check_counts_good_source(tmp_path):
+    uri = f"file://{tmp_path}/src"
+    write_source(uri, 7, per_shard=3)
+    report = check_source(uri)
+    assert report["index"] == "ok" and report["samples"] == 7 and report["ok"] == 7
+    assert report["boxes"] == 14 and report["bad"] == {}
+    assert [s["samples"] for s in report["shards"]] == [3, 3, 1]
+
+
+def test_check_counts_each_bad_reason(tmp_path):
+    uri = f"file://{tmp_path}/bad"
+    write_bad_source(uri, good=4)
+    report = check_source(uri)
+    expected = {}
+    for reason in BAD_CASES.values():
+        expected[reason] = expected.get(reason, 0) + 1
+    assert report["bad"] == expected
+    assert report["ok"] == 4 and report["samples"] == 4 + len(BAD_CASES)
+    shard = report["shards"][0]
+    assert shard["bad_keys"]["bad_box"] == ["b_box"] and shard["error"] is None
+
+
+def test_check_truncated_shard_and_stale_index(tmp_path):
+    uri = f"file://{tmp_path}/src"
+    write_source(uri, 8, per_shard=4)
+    fs, path = filesystem(uri)
+    data = fs.cat_file(f"{path}/shard-000001.tar")
+    fs.pipe_file(f"{path}/shard-000001.tar", data[: len(data) // 2])
+    report = check_source(uri)
+    damaged = report["shards"][1]
+    assert damaged["error"] and damaged["samples"] < 4 and report["bad"]["read_error"] == 1
+    assert report["index"] == "stale"
+
+
+def test_check_corrupt_tar_header(tmp_path):
+    uri = f"file://{tmp_path}/src"
+    write_source(uri, 4, per_shard=4)
+    fs, path = filesystem(uri)
+    data = bytearray(fs.cat_file(f"{path}/shard-000000.tar"))
+    second_sample_header = data.find(b"s00001.jpg")
+    data[second_sample_header + 148: second_sample_header + 156] = b"garbage!"  # header checksum
+    fs.pipe_file(f"{path}/shard-000000.tar", bytes(data))
+    shard = check_source(uri)["shards"][0]
+    assert shard["samples"] == 1 and shard["ok"] == 1 and "Error" in shard["error"]
+
+
+def test_check_missing_shard_listed_in_index(tmp_path):
+    uri = f"file://{tmp_path}/src"
+    write_source(uri, 8, per_shard=4)
+    fs, path = filesystem(uri)
+    fs.rm(f"{path}/shard-000001.tar")
+    report = check_source(uri)
+    assert report["missing_shards"] == ["shard-000001.tar"] and report["index"] == "stale"
