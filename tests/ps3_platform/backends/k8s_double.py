@@ -115,7 +115,7 @@ class ApiServerDouble:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -313,6 +313,7 @@ class ApiServerDouble:
 class _Handler(BaseHTTPRequestHandler):
     server_double: ApiServerDouble
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # small header+body writes would otherwise stall 40 ms each
 
     def log_message(self, *args) -> None:  # keep test output quiet
         pass

@@ -192,4 +192,4 @@ class Kube:
         """An open streaming response of the pod's log (`follow=true`); the caller closes it."""
         fn = self.core.read_namespaced_pod_log
         return self._call("get", POD_LOG, pod, ns, fn, pod, ns, container="pytorch",
-                          follow=True, _preload_content=False, _request_timeout=(REQUEST_TIMEOUT_S, None))
+                          follow=True, _preload_content=False, _request_timeout=None)
