@@ -581,3 +581,29 @@ def test_split_lines_and_progress_parsing():
     assert list(split_lines([b"ab", b"c\nde", b"f\n\ng"])) == ["abc\n", "def\n", "\n", "g\n"]
     assert parse_progress("no progress here") is None
     assert parse_progress("step 3/9 loss nan lr 1.00e-04 12.5 samples/s")["step"] == 3
+
+
+# ---- platformctl end to end against the double --------------------------------------------
+def test_platformctl_submit_status_logs_cancel(server, tmp_path, monkeypatch, capsys):
+    """The CLI wiring: backend chosen from $KUBECONFIG, pools from the cluster ConfigMap."""
+    from ps3_platform.cli import main
+
+    monkeypatch.setenv("KUBECONFIG", str(server.write_kubeconfig(tmp_path / "kubeconfig")))
+    server.put(kd.CORE, NS, "configmaps", {"metadata": {"name": "ps3-platform-pools"}, "data": {"pools.yaml": POOLS_YAML}})
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(TRAINING)
+    assert main(["submit", str(spec)]) == 0
+    out, err = capsys.readouterr()
+    assert "backend: kubernetes" in err
+    assert out.strip() == "job 'exp' created in namespace 'team-a': ConfigMap exp-spec, PyTorchJob exp-train"
+    server.set_status(kd.KUBEFLOW, NS, "pytorchjobs", "exp-train", kd.pytorchjob_status("exp-train", "Succeeded"))
+    assert main(["status", "exp", "-o", "json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["phase"], status["stages"][0]["phase"]) == ("Succeeded", "Succeeded")
+    server.add_pod(NS, "exp-train", "master", 0, phase="Succeeded", logs=["done"])
+    assert main(["logs", "exp", "--rank", "0"]) == 0
+    assert capsys.readouterr().out == "done\n"
+    assert main(["cancel", "exp"]) == 0
+    assert "deleted PyTorchJob exp-train, ConfigMap exp-spec" in capsys.readouterr().out
+    assert main(["status", "exp"]) == 1
+    assert "error: job 'exp' not found in namespace 'team-a'" in capsys.readouterr().err

@@ -231,3 +231,20 @@ spec:
 """
     with pytest.raises(CompileError, match="must start with a letter"):
         compile_job(load_text(text).job, POOLS)
+
+
+# ---- cluster warnings -------------------------------------------------------------------
+@pytest.mark.parametrize("extra,expected", [
+    ("  checkpoint: {uri: 's3://b/ckpt'}", []),
+    ("", ["checkpoint.uri is not set"]),
+    ("  checkpoint: {uri: 'file:///tmp/ckpt'}", ["is a path inside the pod"]),
+    ("  checkpoint: {uri: 's3://b/ckpt'}\n  data: {sources: [{name: a, uri: 'file:///data/a'}, {name: b, uri: 's3://b/d'}]}",
+     ["data source 'a' (file:///data/a) must exist inside the image"]),
+])
+def test_cluster_warnings(extra, expected):
+    from ps3_platform.compile import cluster_warnings
+
+    warnings = cluster_warnings(load_text(job_yaml(extra=extra)).job)
+    assert len(warnings) == len(expected)
+    for warning, fragment in zip(warnings, expected):
+        assert warning.startswith("stage 'train': ") and fragment in warning

@@ -6,6 +6,7 @@ backends in one process (tests, or several contexts) cannot leak settings into e
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from kubernetes import client, config
@@ -26,13 +27,17 @@ def kubeconfig_namespace(config_file: str | None, context: str | None) -> str | 
 def connect(config_file: str | None = None, context: str | None = None) -> tuple[client.ApiClient, str]:
     """(API client, default namespace) from a kubeconfig, or in-cluster when there is none."""
     configuration = client.Configuration()
+    explicit = config_file
+    # Read $KUBECONFIG now: the client reads it once at import time. It may list several
+    # files (':'-separated), which the client merges like kubectl.
+    config_file = config_file or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     try:
         config.load_kube_config(config_file=config_file, context=context, client_configuration=configuration,
                                 persist_config=False)
         namespace = kubeconfig_namespace(config_file, context)
     except (ConfigException, OSError) as exc:
-        if config_file or context:
-            where = config_file or "the default kubeconfig"
+        if explicit or context:
+            where = explicit or "the default kubeconfig"
             raise BackendError(f"cannot use {where}{f' context {context!r}' if context else ''}: {exc}") from None
         try:
             config.load_incluster_config(client_configuration=configuration)
