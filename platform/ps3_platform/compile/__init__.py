@@ -20,13 +20,13 @@ from .labels import JOB_LABEL, SPEC_HASH_ANNOTATION, STAGE_LABEL, spec_hash
 from .options import CompileOptions
 from .pytorchjob import pytorchjob_name, stage_pytorchjob
 from .render import manifest_yaml, to_yaml
-from .warnings import cluster_warnings
+from .cluster_advice import cluster_warnings
 from .workflow import WORKFLOW_POD_LABEL, pipeline_workflow
 
 __all__ = [
     "CompileError", "CompileOptions", "JOB_LABEL", "SPEC_HASH_ANNOTATION", "SPEC_PATH", "STAGE_LABEL",
-    "check_pytorchjob", "check_workflow", "cluster_warnings", "compile_job", "configmap_name", "manifest_yaml", "pytorchjob_name",
-    "pytorchjobs_in", "spec_hash", "to_yaml",
+    "check_pytorchjob", "check_workflow", "cluster_warnings", "compile_job", "configmap_name", "manifest_yaml",
+    "pytorchjob_name", "pytorchjobs_in", "spec_hash", "to_yaml",
 ]
 
 

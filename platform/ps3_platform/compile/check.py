@@ -47,7 +47,8 @@ def _elastic_problems(spec: dict) -> list[str]:
     if "Worker" not in spec.get("pytorchReplicaSpecs", {}):
         problems.append("elasticPolicy needs a Worker replica spec")
     if elastic.get("rdzvBackend", "c10d") not in RDZV_BACKENDS:
-        problems.append(f"elasticPolicy.rdzvBackend {elastic['rdzvBackend']!r} is not one of {', '.join(RDZV_BACKENDS)}")
+        problems.append(f"elasticPolicy.rdzvBackend {elastic['rdzvBackend']!r} is not one of "
+                        f"{', '.join(RDZV_BACKENDS)}")
     if "nProcPerNode" in elastic and "nprocPerNode" in spec:
         problems.append("elasticPolicy.nProcPerNode and nprocPerNode are both set")
     low, high = elastic.get("minReplicas"), elastic.get("maxReplicas")

@@ -41,7 +41,8 @@ def spec_configmap(job: JobSpec, digest: str, namespace: str | None) -> dict:
 
 
 def spec_volume(job_name: str) -> dict:
-    return {"name": SPEC_VOLUME, "configMap": {"name": configmap_name(job_name), "items": [{"key": SPEC_KEY, "path": SPEC_KEY}]}}
+    items = [{"key": SPEC_KEY, "path": SPEC_KEY}]
+    return {"name": SPEC_VOLUME, "configMap": {"name": configmap_name(job_name), "items": items}}
 
 
 def spec_mount() -> dict:

@@ -48,7 +48,8 @@ class CompileOptions:
 
     def __post_init__(self) -> None:
         if self.clean_pod_policy not in CLEAN_POD_POLICIES:
-            raise CompileError(f"cleanPodPolicy {self.clean_pod_policy!r} is not one of {', '.join(CLEAN_POD_POLICIES)}")
+            raise CompileError(f"cleanPodPolicy {self.clean_pod_policy!r} is not one of "
+                               f"{', '.join(CLEAN_POD_POLICIES)}")
         if self.restart_policy not in RESTART_POLICIES:
             raise CompileError(f"restartPolicy {self.restart_policy!r} is not one of {', '.join(RESTART_POLICIES)}")
         if self.backoff_limit < 0:

@@ -39,7 +39,7 @@ def _env(job: JobSpec, stage: Stage) -> list[dict]:
     if storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
     if storage.region:
-        env += [{"name": "AWS_REGION", "value": storage.region}, {"name": "AWS_DEFAULT_REGION", "value": storage.region}]
+        env += [{"name": name, "value": storage.region} for name in ("AWS_REGION", "AWS_DEFAULT_REGION")]
     if storage.credentials_secret:
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": storage.credentials_secret, "key": key}}})

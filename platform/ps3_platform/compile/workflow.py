@@ -73,7 +73,7 @@ def pipeline_workflow(job: Pipeline, stages: list[Stage], pytorchjobs: list[dict
         "serviceAccountName": options.workflow_service_account,
         # Executor pods of succeeded steps go; failed ones stay for debugging.
         "podGC": {"strategy": "OnPodSuccess"},
-        "templates": [dag_template(stages)] + [resource_template(s, p) for s, p in zip(stages, pytorchjobs)],
+        "templates": [dag_template(stages)] + [resource_template(s, p) for s, p in zip(stages, pytorchjobs, strict=True)],
     }
     if options.ttl_seconds_after_finished is not None:
         spec["ttlStrategy"] = {"secondsAfterCompletion": options.ttl_seconds_after_finished}

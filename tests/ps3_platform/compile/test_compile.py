@@ -16,7 +16,6 @@ import pytest
 import yaml
 
 from ps3_platform.compile import (
-    CompileError,
     check_pytorchjob,
     check_workflow,
     compile_job,

@@ -246,5 +246,5 @@ def test_cluster_warnings(extra, expected):
 
     warnings = cluster_warnings(load_text(job_yaml(extra=extra)).job)
     assert len(warnings) == len(expected)
-    for warning, fragment in zip(warnings, expected):
+    for warning, fragment in zip(warnings, expected, strict=True):
         assert warning.startswith("stage 'train': ") and fragment in warning

@@ -40,7 +40,7 @@ from ps3_platform.spec import (
     stages_of,
 )
 
-from ..base import Backend, BackendError, JobNotFoundError, JobStatus, SubmitResult
+from ..base import Backend, BackendError, JobNotFoundError, JobStatus, StageStatus, SubmitResult
 from . import status as st
 from .api import CONFIGMAP, POD, PYTORCHJOB, WORKFLOW, Conflict, Kube
 from .config import connect
@@ -104,8 +104,8 @@ class KubernetesBackend(Backend):
                 return SubmitResult(name, False, f"job {name!r} already exists in namespace {ns!r}, unchanged")
             if not replace:
                 raise BackendError(
-                    f"job {name!r} already exists in namespace {ns!r} with a different spec "
-                    f"(spec-hash {str(old_hash)[:12]} -> {str(new_hash)[:12]}); use --replace to delete and recreate it")
+                    f"job {name!r} already exists in namespace {ns!r} with a different spec (spec-hash "
+                    f"{str(old_hash)[:12]} -> {str(new_hash)[:12]}); use --replace to delete and recreate it")
             self._delete_all(name, ns)
             self._wait_deleted(workloads + configmaps, ns)
         return self._create(name, ns, configmaps, workloads, replaced=live is not None)
@@ -186,42 +186,40 @@ class KubernetesBackend(Backend):
 
     def _assemble(self, name: str, cm: dict | None, jobs: list[dict], workflow: dict | None, *,
                   progress: bool) -> JobStatus:
+        """One JobStatus from the objects of job `name` (any of them may be missing)."""
         spec = self._spec(cm)
-        objs = st.by_stage(jobs)
         kind = _meta(cm, KIND_ANNOTATION) or ("Pipeline" if workflow else None) or \
             next((_meta(j, KIND_ANNOTATION) for j in jobs), None) or "TrainingJob"
+        stages = self._stages(spec, st.by_stage(jobs), progress=progress)
+        if kind == "Pipeline":
+            main, phase = workflow, (st.workflow_phase(workflow) if workflow else st.pipeline_phase(stages))
+            if phase in ("Succeeded", "Failed"):
+                for stage in stages:  # the Workflow will not start them any more
+                    stage.phase = "Skipped" if stage.phase == "Pending" else stage.phase
+            finished_at = ((workflow or {}).get("status") or {}).get("finishedAt")
+        else:
+            main, phase = next(iter(jobs), None), (stages[0].phase if stages else "Pending")
+            finished_at = ((main or {}).get("status") or {}).get("completionTime")
+        conditions = ((main or {}).get("status") or {}).get("conditions") or []
+        uri = stages_of(spec)[0].checkpoint.uri if spec else None
+        return JobStatus(name=name, kind=kind, backend=self.name, phase=phase, stages=stages,
+                         conditions=[dict(c) for c in conditions],
+                         checkpoints=f"{uri.rstrip('/')}/{name}" if uri else None,
+                         created=st.parse_time(((main or cm or {}).get("metadata") or {}).get("creationTimestamp")),
+                         finished=st.parse_time(finished_at))
+
+    def _stages(self, spec: JobSpec | None, objs: dict[str, dict], *, progress: bool) -> list[StageStatus]:
+        """Stage statuses in dependency order (from the spec; else whatever PyTorchJobs exist)."""
         stage_specs = {s.name: s for s in stages_of(spec)} if spec else {}
-        names = list(stage_specs) or sorted(objs)
-        stages = []
-        for stage_name in names:
-            stage_spec = stage_specs.get(stage_name)
-            obj = objs.get(stage_name)
-            found = self._progress(obj) if progress and st.pytorchjob_phase(obj)[0] in ("Running", "Restarting") else None
-            stages.append(st.stage_status(
-                stage_name, obj, progress=found,
+        out = []
+        for stage_name in list(stage_specs) or sorted(objs):
+            stage_spec, obj = stage_specs.get(stage_name), objs.get(stage_name)
+            running = st.pytorchjob_phase(obj)[0] in ("Running", "Restarting")
+            out.append(st.stage_status(
+                stage_name, obj, progress=self._progress(obj) if progress and running else None,
                 total_steps=stage_spec.train.total_steps if stage_spec else None,
                 global_batch=stage_spec.train.global_batch if stage_spec else None))
-        if kind == "Pipeline":
-            phase = st.workflow_phase(workflow) if workflow else st.pipeline_phase(stages)
-            if phase in ("Succeeded", "Failed"):
-                for stage in stages:
-                    if stage.phase == "Pending":
-                        stage.phase = "Skipped"
-            main = workflow
-            conditions = ((workflow or {}).get("status") or {}).get("conditions") or []
-            finished = st.parse_time(((workflow or {}).get("status") or {}).get("finishedAt"))
-        else:
-            main = next(iter(objs.values()), None)
-            phase = stages[0].phase if stages else "Pending"
-            conditions = ((main or {}).get("status") or {}).get("conditions") or []
-            finished = st.parse_time(((main or {}).get("status") or {}).get("completionTime"))
-        created = st.parse_time(((main or cm or {}).get("metadata") or {}).get("creationTimestamp"))
-        checkpoints = None
-        if spec and stages_of(spec)[0].checkpoint.uri:
-            checkpoints = f"{stages_of(spec)[0].checkpoint.uri.rstrip('/')}/{name}"
-        return JobStatus(name=name, kind=kind, backend=self.name, phase=phase, stages=stages,
-                         conditions=[dict(c) for c in conditions], checkpoints=checkpoints,
-                         created=created, finished=finished)
+        return out
 
     def _progress(self, obj: dict | None) -> dict | None:
         """Last progress line of the pod running rank 0 (any pod, for elastic stages)."""

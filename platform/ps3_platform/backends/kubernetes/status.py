@@ -113,5 +113,6 @@ def pod_rank(pod: dict, has_master: bool) -> int:
 
 
 def ranked_pods(pods: list[dict]) -> list[tuple[int, dict]]:
-    has_master = any(p["metadata"].get("labels", {}).get("training.kubeflow.org/replica-type") == "master" for p in pods)
+    types = {p["metadata"].get("labels", {}).get("training.kubeflow.org/replica-type") for p in pods}
+    has_master = "master" in types
     return sorted(((pod_rank(p, has_master), p) for p in pods), key=lambda rp: rp[0])
