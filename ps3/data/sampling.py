@@ -1,0 +1,147 @@
+"""Which images make up each global batch: per-source balanced, deterministic, resumable.
+
+Appendix B of the PS3 paper draws every source with the same probability whatever its
+size; we draw each of the global batch's slots from a source with probability
+proportional to the spec weight (equal by default). Each source is an endless stream:
+epoch e of source s is a permutation of its samples seeded by (seed, s, e), so the whole
+order is a function of (seed, position) and the state is just the step number plus one
+read cursor per source and stream.
+
+Section 2.3 composition: a fixed share of the slots (`global_fraction`, rounded) are
+global pairs, drawn only from sources with global captions (from their own stream, so
+local and global use of a source are independent); an image appears at most once per
+global batch. Positions are global (per step, not per rank), so a resumed job with
+another world size continues with exactly the same samples.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+LOCAL, GLOBAL = 0, 1
+
+
+class SamplingError(ValueError):
+    """The sources cannot fill a global batch (e.g. fewer distinct images than slots)."""
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the planner needs of a source: its size and whether it has global captions."""
+
+    name: str
+    size: int
+    weight: float = 1.0
+    has_global: bool = False
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One place in a global batch: which image, used how, with its own random seed."""
+
+    source: int  # index into the planner's sources
+    index: int  # sample number within the source
+    is_global: bool
+    seed: int  # seeds the box choice and any bad-sample replacement of this slot
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.source, self.index
+
+
+class BatchPlanner:
+    """Plans global batches one step after another; `state_dict()` is the exact position."""
+
+    def __init__(self, sources: list[SourceInfo], global_batch: int, seed: int, global_fraction: float = 0.25):
+        if not sources or any(s.size <= 0 for s in sources):
+            raise SamplingError("every source needs at least one sample")
+        if not 0.0 <= global_fraction <= 1.0:
+            raise SamplingError(f"global_fraction must be in [0, 1], got {global_fraction}")
+        self.sources, self.global_batch, self.seed = sources, global_batch, seed
+        if len({s.name for s in sources}) != len(sources):
+            raise SamplingError("source names must be unique (they key the resume state)")
+        by_name = sorted(range(len(sources)), key=lambda i: sources[i].name)  # spec order must not matter
+        glob = [i for i in by_name if sources[i].has_global]
+        self.n_global = round(global_fraction * global_batch) if glob else 0
+        self._pools = {LOCAL: by_name, GLOBAL: glob}
+        self._ids = [zlib.crc32(s.name.encode()) for s in sources]  # streams survive reordering
+        self.step = 0
+        self.cursors = {s.name: [0, 0] for s in sources}
+        self._perms: dict[tuple[int, int, int], np.ndarray] = {}
+
+    # ---- state ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "cursors": {k: list(v) for k, v in self.cursors.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        for name, cur in state["cursors"].items():
+            if name in self.cursors:  # a source removed from the spec is dropped
+                self.cursors[name] = [int(cur[0]), int(cur[1])]
+
+    # ---- planning ------------------------------------------------------------------
+    def next_batch(self) -> list[Slot]:
+        """The slots of the current step, in batch order; advances to the next step."""
+        rng = np.random.default_rng([self.seed, self.step, 0x9E3779B9])
+        kinds = [GLOBAL] * self.n_global + [LOCAL] * (self.global_batch - self.n_global)
+        used: set[tuple[int, int]] = set()
+        slots = []
+        for kind in kinds:
+            src, idx = self._draw(rng, kind, used)
+            used.add((src, idx))
+            slots.append(Slot(src, idx, kind == GLOBAL, int(rng.integers(1 << 62))))
+        order = rng.permutation(len(slots))  # spread global pairs over ranks and micro-batches
+        self.step += 1
+        return [slots[i] for i in order]
+
+    def _draw(self, rng: np.random.Generator, kind: int, used: set) -> tuple[int, int]:
+        pool = list(self._pools[kind])
+        while pool:
+            weights = np.array([self.sources[i].weight for i in pool], dtype=float)
+            src = pool[int(rng.choice(len(pool), p=weights / weights.sum()))]
+            idx = self._next_unused(src, kind, used)
+            if idx is not None:
+                return src, idx
+            pool.remove(src)  # every image of this source is already in the batch
+        raise SamplingError(
+            f"global batch {self.global_batch} needs more distinct images than the sources hold "
+            f"({sum(s.size for s in self.sources)}); add data or lower train.globalBatch")
+
+    def _next_unused(self, src: int, kind: int, used: set) -> int | None:
+        cursor = self.cursors[self.sources[src].name]
+        size = self.sources[src].size
+        for _ in range(size):
+            pos = cursor[kind]
+            cursor[kind] += 1
+            idx = int(self._perm(src, kind, pos // size)[pos % size])
+            if (src, idx) not in used:
+                return idx
+        return None
+
+    def _perm(self, src: int, kind: int, epoch: int) -> np.ndarray:
+        key = (src, kind, epoch)
+        if key not in self._perms:
+            for old in [k for k in self._perms if k[:2] == (src, kind)]:
+                del self._perms[old]  # streams only move forward: keep one epoch per stream
+            rng = np.random.default_rng([self.seed, self._ids[src], kind, epoch])
+            dtype = np.int32 if self.sources[src].size < 2**31 else np.int64
+            self._perms[key] = rng.permutation(self.sources[src].size).astype(dtype)
+        return self._perms[key]
+
+
+def replacement(slot: Slot, attempt: int, size: int, used: set[tuple[int, int]]) -> int:
+    """A deterministic stand-in from the same source for a slot whose image was bad.
+
+    Drawn uniformly (not from the stream, so the stream position stays global) and
+    avoiding the batch's planned images; two slots picking the same stand-in is possible
+    but needs two bad samples and a collision, about 1/size.
+    """
+    start = int(np.random.default_rng([slot.seed, attempt]).integers(size))
+    for k in range(size):  # probe forward from a random start: terminates, stays uniform-ish
+        idx = (start + k) % size
+        if (slot.source, idx) not in used:
+            return idx
+    return start
