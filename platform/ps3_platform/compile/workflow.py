@@ -68,12 +68,13 @@ def pipeline_workflow(job: Pipeline, stages: list[Stage], pytorchjobs: list[dict
     }
     if namespace:
         metadata["namespace"] = namespace
+    resources = [resource_template(s, p) for s, p in zip(stages, pytorchjobs, strict=True)]
     spec: dict = {
         "entrypoint": ENTRYPOINT,
         "serviceAccountName": options.workflow_service_account,
         # Executor pods of succeeded steps go; failed ones stay for debugging.
         "podGC": {"strategy": "OnPodSuccess"},
-        "templates": [dag_template(stages)] + [resource_template(s, p) for s, p in zip(stages, pytorchjobs, strict=True)],
+        "templates": [dag_template(stages), *resources],
     }
     if options.ttl_seconds_after_finished is not None:
         spec["ttlStrategy"] = {"secondsAfterCompletion": options.ttl_seconds_after_finished}

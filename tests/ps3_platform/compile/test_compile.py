@@ -240,7 +240,8 @@ def test_golden_output(case):
     if os.environ.get("PS3_UPDATE_GOLDEN"):
         path.parent.mkdir(exist_ok=True)
         path.write_text(text)
-    assert text == path.read_text()
+    assert text == path.read_text(), (
+        f"compiled output of {case!r} changed: review the diff, then regenerate with PS3_UPDATE_GOLDEN=1")
 
 
 # ---- the spec ConfigMap -----------------------------------------------------------------
