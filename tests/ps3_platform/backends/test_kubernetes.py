@@ -221,6 +221,23 @@ def test_replace_deletes_waits_for_foreground_deletion_and_recreates(server, bac
     assert stored["metadata"]["annotations"] == objects[1]["metadata"]["annotations"]
 
 
+def test_replace_of_a_pipeline_waits_for_its_stage_jobs(server, backend):
+    """Argo would fail to create `pipe-prep` while the old one is still terminating."""
+    backend.submit(*compiled(PIPELINE))
+    server.put(kd.KUBEFLOW, NS, "pytorchjobs", {"metadata": {"name": "pipe-prep", "labels": {"ps3.platform/job": "pipe"}}})
+    server.clear_requests()
+    server.linger_reads = 1
+    backend.submit(*compiled(PIPELINE, ["spec.stages.0.train.steps=5"]), replace=True)
+    assert [c[:2] for c in calls(server)] == [
+        ("GET", f"{ARGO}/pipe"), ("GET", f"{CM}/pipe-spec"), ("GET", KF),
+        ("DELETE", f"{ARGO}/pipe"), ("DELETE", f"{KF}/pipe-prep"), ("DELETE", f"{CM}/pipe-spec"),
+        ("GET", f"{ARGO}/pipe"), ("GET", f"{ARGO}/pipe"),
+        ("GET", f"{KF}/pipe-prep"), ("GET", f"{KF}/pipe-prep"),
+        ("GET", f"{CM}/pipe-spec"), ("GET", f"{CM}/pipe-spec"),
+        ("POST", CM), ("POST", ARGO), ("PATCH", f"{CM}/pipe-spec"),
+    ]
+
+
 def test_replace_times_out_when_deletion_hangs(server, tmp_path):
     backend = KubernetesBackend(config_file=str(server.write_kubeconfig(tmp_path / "kc")), poll_s=0.01,
                                 delete_timeout_s=0.05)

@@ -42,7 +42,7 @@ from ps3_platform.spec import (
 
 from ..base import Backend, BackendError, JobNotFoundError, JobStatus, StageStatus, SubmitResult
 from . import status as st
-from .api import CONFIGMAP, POD, PYTORCHJOB, WORKFLOW, Conflict, Kube
+from .api import CONFIGMAP, POD, PYTORCHJOB, WORKFLOW, Conflict, Kube, Resource
 from .config import connect
 from .logs import follow_streams, prefixed
 
@@ -106,8 +106,9 @@ class KubernetesBackend(Backend):
                 raise BackendError(
                     f"job {name!r} already exists in namespace {ns!r} with a different spec (spec-hash "
                     f"{str(old_hash)[:12]} -> {str(new_hash)[:12]}); use --replace to delete and recreate it")
-            self._delete_all(name, ns)
-            self._wait_deleted(workloads + configmaps, ns)
+            deleted = self._delete_all(name, ns)
+            new = [(RESOURCES[o["kind"]], o["metadata"]["name"]) for o in workloads + configmaps]
+            self._wait_deleted(deleted + [item for item in new if item not in deleted], ns)
         return self._create(name, ns, configmaps, workloads, replaced=live is not None)
 
     def _live_record(self, job: JobSpec, primary: dict, ns: str) -> dict | None:
@@ -151,15 +152,15 @@ class KubernetesBackend(Backend):
                 return f" (warning: ConfigMap {cm['metadata']['name']} will not be garbage-collected: {exc})"
         return ""
 
-    def _wait_deleted(self, objects: list[dict], ns: str) -> None:
-        """Foreground deletion finishes when the dependents (pods) are gone: wait for it."""
+    def _wait_deleted(self, objects: list[tuple[Resource, str]], ns: str) -> None:
+        """Foreground deletion finishes when the dependents (pods) are gone: wait for it, so
+        the new objects (same names) do not collide with terminating ones."""
         deadline = time.monotonic() + self.delete_timeout_s
-        for obj in objects:
-            res = RESOURCES[obj["kind"]]
-            while self.kube.get(res, obj["metadata"]["name"], ns, missing_api_ok=True) is not None:
+        for res, obj_name in objects:
+            while self.kube.get(res, obj_name, ns, missing_api_ok=True) is not None:
                 if time.monotonic() > deadline:
-                    raise BackendError(f"timed out after {self.delete_timeout_s:.0f}s waiting for {obj['kind']} "
-                                       f"{obj['metadata']['name']!r} to be deleted; try again later")
+                    raise BackendError(f"timed out after {self.delete_timeout_s:.0f}s waiting for {res.kind} "
+                                       f"{obj_name!r} to be deleted; try again later")
                 time.sleep(self.poll_s)
 
     # ---- status -----------------------------------------------------------------------
@@ -289,23 +290,22 @@ class KubernetesBackend(Backend):
             yield from prefixed(text.splitlines(keepends=True), f"[rank {r}] " if many else "")
 
     # ---- cancel -----------------------------------------------------------------------
-    def _delete_all(self, name: str, ns: str) -> list[str]:
-        """Delete everything of job `name`; returns what was deleted ('Kind name')."""
+    def _delete_all(self, name: str, ns: str) -> list[tuple[Resource, str]]:
+        """Delete every object of job `name` (Foreground); returns what was deleted."""
         cm = self.kube.get(CONFIGMAP, configmap_name(name), ns)
-        deleted = []
+        targets: list[tuple[Resource, str]] = []
         # The Workflow first, so it cannot start another stage while its jobs go.
-        if _meta(cm, KIND_ANNOTATION) in (None, "Pipeline") and self.kube.delete(WORKFLOW, name, ns):
-            deleted.append(f"Workflow {name}")
-        for job in self.kube.list(PYTORCHJOB, ns, f"{JOB_LABEL}={name}"):
-            if self.kube.delete(PYTORCHJOB, job["metadata"]["name"], ns):
-                deleted.append(f"PyTorchJob {job['metadata']['name']}")
-        if cm is not None and self.kube.delete(CONFIGMAP, configmap_name(name), ns):
-            deleted.append(f"ConfigMap {configmap_name(name)}")
-        return deleted
+        if _meta(cm, KIND_ANNOTATION) in (None, "Pipeline"):
+            targets.append((WORKFLOW, name))
+        targets += [(PYTORCHJOB, j["metadata"]["name"]) for j in self.kube.list(PYTORCHJOB, ns, f"{JOB_LABEL}={name}")]
+        if cm is not None:
+            targets.append((CONFIGMAP, configmap_name(name)))
+        return [(res, obj_name) for res, obj_name in targets if self.kube.delete(res, obj_name, ns)]
 
     def _cancel(self, name: str) -> str:
         deleted = self._delete_all(name, self.namespace)
         if not deleted:
             raise JobNotFoundError(f"job {name!r} not found in namespace {self.namespace!r}")
-        return f"job {name!r} cancelled in namespace {self.namespace!r}: deleted {', '.join(deleted)}"
+        what = ", ".join(f"{res.kind} {obj_name}" for res, obj_name in deleted)
+        return f"job {name!r} cancelled in namespace {self.namespace!r}: deleted {what}"
 
