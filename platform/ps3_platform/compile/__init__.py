@@ -11,26 +11,26 @@ from __future__ import annotations
 
 import yaml
 
-from ps3_platform.spec import JobSpec, Pipeline, PoolConfig, stages_of
+from ps3_platform.spec import JobSpec, Pipeline, Pool, PoolConfig, Stage, stages_of
 
 from .check import check_pytorchjob, check_workflow
+from .cluster_advice import cluster_warnings
 from .configmap import SPEC_PATH, configmap_name, spec_configmap
 from .errors import CompileError
-from .labels import JOB_LABEL, SPEC_HASH_ANNOTATION, STAGE_LABEL, spec_hash
+from .labels import JOB_LABEL, SPEC_HASH_ANNOTATION, STAGE_LABEL, job_digest
 from .options import CompileOptions
 from .pytorchjob import pytorchjob_name, stage_pytorchjob
 from .render import manifest_yaml, to_yaml
-from .cluster_advice import cluster_warnings
 from .workflow import WORKFLOW_POD_LABEL, pipeline_workflow
 
 __all__ = [
     "CompileError", "CompileOptions", "JOB_LABEL", "SPEC_HASH_ANNOTATION", "SPEC_PATH", "STAGE_LABEL",
     "check_pytorchjob", "check_workflow", "cluster_warnings", "compile_job", "configmap_name", "manifest_yaml",
-    "pytorchjob_name", "pytorchjobs_in", "spec_hash", "to_yaml",
+    "job_digest", "pytorchjob_name", "pytorchjobs_in", "to_yaml",
 ]
 
 
-def _pool(pools: PoolConfig, stage) -> object:
+def _pool(pools: PoolConfig, stage: Stage) -> Pool:
     pool = pools.pools.get(stage.resources.pool)
     if pool is None:
         known = ", ".join(sorted(pools.pools)) or "none"
@@ -54,7 +54,7 @@ def compile_job(job: JobSpec, pools: PoolConfig, *, namespace: str | None = None
     """All objects of `job`, in creation order. `namespace` overrides metadata.namespace."""
     options = options or CompileOptions()
     namespace = namespace or job.metadata.namespace
-    digest = spec_hash(job)
+    digest = job_digest(job)
     stages = stages_of(job)
     is_pipeline = isinstance(job, Pipeline)
     default_image = job.spec.image if is_pipeline else None

@@ -39,7 +39,7 @@ _LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _RESERVED_PREFIXES = ("ps3.platform/", "app.kubernetes.io/", "training.kubeflow.org/", "kueue.x-k8s.io/")
 
 
-def spec_hash(job: JobSpec) -> str:
+def job_digest(job: JobSpec) -> str:
     """sha256 of the resolved job: equal hashes mean a re-submit changes nothing.
 
     Canonical JSON (sorted keys, no spaces) so the hash does not depend on key order in

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from kubernetes.client.exceptions import ApiException
-
 from ps3_platform.backends.base import BackendError, JobNotFoundError
 from ps3_platform.backends.kubernetes import KubernetesBackend, api_error
 from ps3_platform.backends.kubernetes.api import CONFIGMAP, PYTORCHJOB, WORKFLOW

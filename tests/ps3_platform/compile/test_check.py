@@ -6,9 +6,8 @@ import copy
 
 import pytest
 import yaml
-
 from ps3_platform.compile import check_pytorchjob, check_workflow, compile_job, pytorchjobs_in
-from ps3_platform.spec import load_text, load_pools
+from ps3_platform.spec import load_pools, load_text
 
 TRAINING = """
 apiVersion: ps3.platform/v1

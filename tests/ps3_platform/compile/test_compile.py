@@ -14,13 +14,12 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-
 from ps3_platform.compile import (
     check_pytorchjob,
     check_workflow,
     compile_job,
+    job_digest,
     pytorchjobs_in,
-    spec_hash,
     to_yaml,
 )
 from ps3_platform.spec import load, load_pools, load_text, parse_pools, resolved
@@ -208,15 +207,15 @@ apiVersion: ps3.platform/v1
 """
     a = load_text(INLINE["multinode"]).job
     b = load_text(reordered).job
-    assert spec_hash(a) == spec_hash(b)
+    assert job_digest(a) == job_digest(b)
     assert to_yaml(compile_job(a, POOLS)) == to_yaml(compile_job(b, POOLS))
 
 
 def test_changed_spec_changes_the_hash():
     a = load_text(INLINE["minimal"]).job
     b = load_text(INLINE["minimal"], overrides=["spec.train.steps=7"]).job
-    assert spec_hash(a) != spec_hash(b)
-    assert len(spec_hash(a)) == 64
+    assert job_digest(a) != job_digest(b)
+    assert len(job_digest(a)) == 64
 
 
 def test_to_yaml_round_trips_and_has_no_anchors(compiled):
@@ -270,7 +269,7 @@ def test_objects_are_created_in_dependency_order(compiled):
 
 def test_every_object_carries_hash_and_labels(compiled):
     job, objects = compiled
-    digest = spec_hash(job)
+    digest = job_digest(job)
     for obj in objects + pytorchjobs_in(objects):
         meta = obj["metadata"]
         assert meta["annotations"]["ps3.platform/spec-hash"] == digest

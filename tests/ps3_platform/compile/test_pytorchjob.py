@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from ps3_platform.compile import CompileError, CompileOptions, compile_job, pytorchjobs_in
 from ps3_platform.spec import load_text, parse_pools
 

@@ -29,9 +29,9 @@ from ps3_platform.compile.labels import (
 )
 from ps3_platform.compile.pytorchjob import pytorchjob_name
 from ps3_platform.spec import (
-    JobSpec,
     POOLS_CONFIGMAP,
     POOLS_KEY,
+    JobSpec,
     PoolConfig,
     SpecError,
     load_pools,
