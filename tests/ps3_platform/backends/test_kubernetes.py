@@ -117,6 +117,26 @@ def test_no_configuration_is_one_clear_error(tmp_path, monkeypatch):
         KubernetesBackend(config_file=str(tmp_path / "missing"), context="nope")
 
 
+def test_in_cluster_fallback_uses_the_service_account_namespace(server, tmp_path, monkeypatch):
+    """Inside a pod (no kubeconfig): the client's in-cluster loader, namespace from the SA mount."""
+    from ps3_platform.backends.kubernetes import config as kconfig
+
+    def fake_incluster(client_configuration):
+        client_configuration.host = server.url
+        client_configuration.api_key = {"authorization": f"Bearer {server.token}"}
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setattr(kconfig.config, "load_incluster_config", fake_incluster)
+    (tmp_path / "ns").write_text("ml-jobs\n")
+    monkeypatch.setattr(kconfig, "IN_CLUSTER_NAMESPACE", tmp_path / "ns")
+    backend = KubernetesBackend()
+    assert backend.namespace == "ml-jobs"
+    with pytest.raises(JobNotFoundError, match="namespace 'ml-jobs'"):
+        backend.status("exp")
+    assert server.requests[-1].headers["authorization"] == "Bearer test-token"
+
+
 def test_unknown_context_is_reported(server, tmp_path):
     kubeconfig = str(server.write_kubeconfig(tmp_path / "kc"))
     with pytest.raises(BackendError, match="context 'staging'"):
