@@ -65,7 +65,7 @@ class PatchEmbed(nn.Module):
         """[B, K, 3, p, p] -> [B, K, D]: the conv as a matmul over only the selected patches."""
         b, k = patches.shape[:2]
         weight = self.proj.weight.reshape(self.proj.out_channels, -1)  # [D, 3*p*p], (c, y, x) order
-        return F.linear(patches.reshape(b, k, -1).to(weight.dtype), weight, self.proj.bias)
+        return F.linear(patches.reshape(b, k, weight.shape[1]).to(weight.dtype), weight, self.proj.bias)
 
 
 class TrunkOutput:
