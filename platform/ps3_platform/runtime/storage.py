@@ -1,0 +1,164 @@
+"""Object storage for the runtime: fsspec URL -> filesystem, and retries for transient errors.
+
+Specs carry only URLs (`file://...`, `s3://bucket/prefix`); the endpoint and credentials
+come from the environment, which in cluster is filled from the Secret the spec names
+(`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL` or
+`FSSPEC_S3_ENDPOINT_URL`, `AWS_DEFAULT_REGION`). Nothing here knows about checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import fsspec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Errors a retry cannot fix: a bug or a malformed URL on our side. Everything else is
+#: retried until the budget runs out, including "access denied" and "no such bucket": a
+#: store that is restarting answers both for a few seconds before its config is loaded,
+#: and a real misconfiguration still surfaces (logged at every attempt, raised at the end).
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (TypeError, ValueError, AttributeError, NotImplementedError)
+
+
+class StorageError(RuntimeError):
+    """A storage operation kept failing until its retry budget ran out (or failed permanently)."""
+
+
+def storage_options(uri: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """fsspec options for `uri` taken from the environment (empty for non-S3 URLs)."""
+    env = os.environ if env is None else env
+    if fsspec.utils.get_protocol(uri) not in ("s3", "s3a"):
+        return {}
+    options: dict[str, Any] = {
+        # Fail fast on a dead endpoint: our own retry loop owns the waiting, with a budget.
+        "config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 2}},
+    }
+    if key := env.get("AWS_ACCESS_KEY_ID"):
+        options["key"] = key
+        options["secret"] = env.get("AWS_SECRET_ACCESS_KEY", "")
+    client: dict[str, str] = {}
+    if endpoint := env.get("FSSPEC_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL"):
+        client["endpoint_url"] = endpoint
+    if region := env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
+        client["region_name"] = region
+    if client:
+        options["client_kwargs"] = client
+    return options
+
+
+@dataclass(frozen=True)
+class Location:
+    """A directory on some fsspec filesystem: the filesystem, its root path and the URL."""
+
+    fs: fsspec.AbstractFileSystem
+    root: str  # path in the filesystem's own form: "bucket/a/b" for s3, "/a/b" for file
+    url: str
+    options: dict[str, Any]
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in _protocols(self.fs)
+
+    def path(self, *parts: str) -> str:
+        """Path of `parts` under the root, in the filesystem's form."""
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def url_of(self, *parts: str) -> str:
+        """Full URL of `parts` under the root (what DCP's fsspec reader/writer take)."""
+        return "/".join([self.url.rstrip("/"), *parts])
+
+    def ensure_dir(self, path: str) -> None:
+        """Create `path` on local filesystems; object stores have no directories to create."""
+        if self.is_local:
+            self.fs.makedirs(path, exist_ok=True)
+
+    def fresh(self, path: str) -> None:
+        """Forget cached listings under `path` so other processes' writes are seen."""
+        self.fs.invalidate_cache(path)
+
+    def put_file(self, local: Path, path: str) -> None:
+        if self.is_local:
+            self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+        self.fs.put_file(str(local), path)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write a small object; on local disks via rename so a crash never leaves half a file."""
+        if self.is_local:
+            self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+def open_location(url: str, options: dict[str, Any] | None = None) -> Location:
+    """Resolve a URL to a `Location`; plain paths are local. Options default to the environment."""
+    if "://" not in url:
+        url = f"file://{Path(url).resolve()}"
+    options = storage_options(url) if options is None else options
+    fs, root = fsspec.core.url_to_fs(url, **options)
+    return Location(fs=fs, root=root.rstrip("/") or root, url=url.rstrip("/"), options=options)
+
+
+@dataclass(kw_only=True, slots=True)
+class RetryPolicy:
+    """How long and how often a storage operation is retried."""
+
+    budget_s: float = 300.0
+    """Total time one logical operation (e.g. a checkpoint upload) may spend retrying."""
+    first_delay_s: float = 0.5
+    """Wait after the first failure; doubles after each further failure."""
+    max_delay_s: float = 8.0
+    """Cap on the wait, so a store that comes back is noticed within seconds."""
+
+    def __post_init__(self) -> None:
+        if self.budget_s < 0 or self.first_delay_s <= 0 or self.max_delay_s < self.first_delay_s:
+            raise ValueError(f"bad retry policy {self}: need budget_s >= 0 and 0 < first_delay_s <= max_delay_s")
+
+
+def retry(fn: Callable[[], T], *, what: str, deadline: float, policy: RetryPolicy,
+          on_failure: Callable[[str, BaseException, int, float | None], None] | None = None) -> T:
+    """Call `fn` until it succeeds, with exponential backoff, until `deadline` (time.monotonic()).
+
+    `on_failure(what, error, attempt, delay)` runs after every failed attempt (the caller
+    logs and counts it); `delay` is None when no retry follows. Permanent errors and the
+    last failure past the deadline raise `StorageError` naming `what`, chained to the cause.
+    """
+    delay = policy.first_delay_s
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except PERMANENT_ERRORS as exc:
+            if on_failure is not None:
+                on_failure(what, exc, attempt, None)
+            raise StorageError(f"{what} failed permanently: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - everything else is transient by policy
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if on_failure is not None:
+                    on_failure(what, exc, attempt, None)
+                raise StorageError(
+                    f"{what} still failing after {attempt} attempts (retry budget spent): "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            wait = min(delay, remaining)
+            if on_failure is not None:
+                on_failure(what, exc, attempt, wait)
+            time.sleep(wait)
+            delay = min(delay * 2, policy.max_delay_s)
