@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import Container
 
 import numpy as np
 
@@ -132,7 +133,7 @@ class BatchPlanner:
         return self._perms[key]
 
 
-def replacement(slot: Slot, attempt: int, size: int, used: set[tuple[int, int]]) -> int:
+def replacement(slot: Slot, attempt: int, size: int, used: Container[tuple[int, int]]) -> int:
     """A deterministic stand-in from the same source for a slot whose image was bad.
 
     Drawn uniformly (not from the stream, so the stream position stays global) and

@@ -1,0 +1,146 @@
+"""Turning planned slots into a micro-batch: fetch, validate, decode, replace bad samples.
+
+Runs in the loader's worker processes (or inline). A bad sample (see records.BAD_REASONS)
+is counted, its key logged once per process, and its slot refilled by a deterministic
+stand-in from the same source, so every micro-batch has exactly `micro_batch` samples and
+the global order stays a function of (seed, position).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .decode import decode_sample
+from .index import DataSourceError, SourceIndex
+from .records import BadSample, clip_box
+from .sampling import Slot, replacement
+from .shards import read_sample_bytes
+from .views import FastPixels, ViewConfig, sample_tensors
+
+log = logging.getLogger(__name__)
+#: After this many bad samples in a row for one slot, the source is considered broken.
+MAX_ATTEMPTS = 32
+_logged_keys: set[str] = set()
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """What a worker needs to (re)open a source: name, URI and its position in the spec."""
+
+    name: str
+    uri: str
+    position: int
+
+    @property
+    def id_base(self) -> int:
+        """High bits of this source's sample ids: stable under reordering of the spec."""
+        return (zlib.crc32(self.name.encode()) & 0x7FFFFFFF) << 32
+
+
+@dataclass
+class Pair:
+    """One validated sample ready for batching."""
+
+    tensors: dict
+    caption: str
+    is_global: bool
+    sample_id: int
+    source: int
+
+
+class MicroBatchMaker:
+    """Makes micro-batches from slots; opens source indexes lazily (once per process)."""
+
+    def __init__(self, sources: list[SourceRef], views: ViewConfig):
+        self.sources, self.views = sources, views
+        self._indexes: dict[int, SourceIndex] = {}
+        self.bad: Counter = Counter()
+
+    def _index(self, src: int) -> SourceIndex:
+        if src not in self._indexes:
+            self._indexes[src] = SourceIndex.open(self.sources[src].uri)
+        return self._indexes[src]
+
+    def make(self, slots: list[Slot], used: set[tuple[int, int]]) -> tuple[dict, list[str]]:
+        """(batch tensors without tokens, captions) for `slots`; `used` = the global batch's keys."""
+        pairs = [self.load(slot, used) for slot in slots]
+        return collate(pairs), [p.caption for p in pairs]
+
+    def load(self, slot: Slot, used: set[tuple[int, int]]) -> Pair:
+        """The slot's pair, or a stand-in's if its image is bad.
+
+        Stand-ins avoid the planned batch and this slot's earlier stand-ins only, so they
+        do not depend on how slots were split over ranks, micro-batches or workers.
+        """
+        index, idx = self._index(slot.source), slot.index
+        tried: set[tuple[int, int]] = set()
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                return self._pair(slot, index, idx)
+            except BadSample as exc:
+                self._count(exc, index)
+            tried.add((slot.source, idx))
+            idx = replacement(slot, attempt, len(index), _Union(used, tried))
+        raise DataSourceError(f"{MAX_ATTEMPTS} bad samples in a row from source {index.uri}; run "
+                              f"`platformctl data check {index.uri}`")
+
+    def _count(self, exc: BadSample, index: SourceIndex) -> None:
+        self.bad[exc.reason] += 1
+        where = f"{index.uri}#{exc.key}"
+        if where not in _logged_keys:
+            _logged_keys.add(where)
+            log.warning("skipping bad sample %s: %s", where, exc)
+
+    def _pair(self, slot: Slot, index: SourceIndex, idx: int) -> Pair:
+        try:
+            shard_path, entry = index.locate(idx)
+        except (OSError, IndexError) as exc:
+            raise BadSample("read_error", f"sample{idx}", f"{type(exc).__name__}: {exc}") from None
+        image, raw = read_sample_bytes(index.fs, shard_path, entry)
+        record, dec = decode_sample(entry.key, image, raw, self.views.decode_size)
+        if slot.is_global:
+            if record.global_caption is None:
+                raise BadSample("no_global_caption", entry.key)
+            caption, box = record.global_caption, None
+            if not caption.strip():
+                raise BadSample("empty_caption", entry.key)
+        else:
+            if not record.boxes:
+                raise BadSample("no_boxes", entry.key)
+            j = int(np.random.default_rng(slot.seed).integers(len(record.boxes)))
+            caption, box = record.captions[j], clip_box(record.boxes[j], record.width, record.height)
+        tensors = sample_tensors(FastPixels(dec), record.width, record.height, box, self.views)
+        ref = self.sources[slot.source]
+        return Pair(tensors, caption, slot.is_global, ref.id_base | idx, ref.position)
+
+
+class _Union:
+    """Membership in either of two sets, without copying the large one."""
+
+    def __init__(self, big: set, small: set):
+        self.big, self.small = big, small
+
+    def __contains__(self, item) -> bool:
+        return item in self.small or item in self.big
+
+
+def collate(pairs: list[Pair]) -> dict:
+    """Stack per-sample tensors; per-scale entries stay lists (one tensor per scale)."""
+    first = pairs[0].tensors
+    batch: dict = {
+        "lowres": torch.stack([p.tensors["lowres"] for p in pairs]),  # [B, 3, S0, S0]
+        "selection_view": torch.stack([p.tensors["selection_view"] for p in pairs]),  # [B, 3, Ssel, Ssel]
+        "is_global": torch.tensor([p.is_global for p in pairs], dtype=torch.bool),  # [B]
+        "sample_id": torch.tensor([p.sample_id for p in pairs], dtype=torch.long),  # [B]
+        "source": torch.tensor([p.source for p in pairs], dtype=torch.long),  # [B]
+    }
+    for key in ("gt_maps", "highres", "hr_index", "hr_patches"):
+        if first[key]:
+            batch[key] = [torch.stack([p.tensors[key][s] for p in pairs]) for s in range(len(first[key]))]
+    return batch

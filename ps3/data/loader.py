@@ -1,0 +1,187 @@
+"""The resumable per-rank loader a PS3 pre-training task hands to the runtime.
+
+Every rank plans the same global batch for each step (sampling.BatchPlanner), takes its
+contiguous share of the slots and yields it as `accumulation` micro-batches. The state is
+the global position (step, micro-batch within it, per-source stream cursors), identical
+on all ranks, so a restart continues at exactly the next sample, also with another world
+size. Worker processes each make every `num_workers`-th micro-batch from the same plan;
+the DataLoader returns them in order, so workers do not change what is produced.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .batches import MicroBatchMaker, SourceRef
+from .index import SourceIndex
+from .sampling import BatchPlanner, SourceInfo
+from .views import ViewConfig
+
+log = logging.getLogger(__name__)
+Tokenize = Callable[[list[str]], torch.Tensor]
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A training source from the spec: its name, shard directory URI and sampling weight."""
+
+    name: str
+    uri: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How batches are cut and produced (everything but the sources, preset and tokenizer)."""
+
+    global_batch: int  # samples per optimizer step over all ranks (the spec's train.globalBatch)
+    micro_batch: int  # samples per rank per forward
+    seed: int = 0  # the sampling order is a function of (seed, position)
+    num_workers: int = 0  # worker processes per rank; 0 = produce in the calling process
+    global_caption_fraction: float = 0.25  # share of each global batch that are global pairs
+    prefetch_factor: int = 2  # micro-batches each worker keeps ready
+
+
+@dataclass
+class _Position:
+    """Where the next micro-batch is: step, micro-batch index and the planner at the step."""
+
+    step: int = 0
+    micro: int = 0
+    planner: dict = field(default_factory=dict)  # BatchPlanner state at the start of `step`
+
+
+class PS3Loader:
+    """Stateful iterator of this rank's micro-batches (see module docstring).
+
+    Each item is a dict: lowres [B, 3, S0, S0], selection_view [B, 3, Ssel, Ssel],
+    gt_maps list of [B, G_s, G_s], either highres list of [B, 3, S_s, S_s] or hr_index
+    list of [B, K_s] + hr_patches list of [B, K_s, 3, p, p], tokens [B, L] long,
+    is_global [B] bool, sample_id [B] long, source [B] long (position in `sources`).
+    """
+
+    def __init__(self, sources: Sequence[DataSource | Mapping], views: ViewConfig, tokenize: Tokenize, *,
+                 rank: int, world_size: int, config: LoaderConfig):
+        self.sources = [s if isinstance(s, DataSource) else DataSource(**s) for s in sources]
+        self.views, self.tokenize, self.config = views, tokenize, config
+        self.rank, self.world_size = rank, world_size
+        self.accumulation = _accumulation(config.global_batch, world_size, config.micro_batch)
+        indexes = [SourceIndex.open(s.uri) for s in self.sources]  # fails at start on a dead source
+        self._infos = [SourceInfo(s.name, len(ix), s.weight, ix.global_captions > 0)
+                       for s, ix in zip(self.sources, indexes)]
+        self._refs = [SourceRef(s.name, s.uri, i) for i, s in enumerate(self.sources)]
+        self._planner = self._new_planner()
+        self._pos = _Position(planner=self._planner.state_dict())
+        self._bad: Counter = Counter()
+        self._stream: Iterator | None = None
+
+    def _new_planner(self) -> BatchPlanner:
+        return BatchPlanner(self._infos, self.config.global_batch, self.config.seed,
+                            self.config.global_caption_fraction)
+
+    # ---- iteration -----------------------------------------------------------------
+    def __iter__(self) -> "PS3Loader":
+        return self
+
+    def __next__(self) -> dict:
+        if self._stream is None:
+            self._stream = self._open_stream()
+        batch, captions, bad = next(self._stream)
+        self._bad.update(bad)
+        self._advance()
+        tokens = self.tokenize(captions)
+        if tokens.shape != (len(captions), self.views.context_length):
+            raise ValueError(f"tokenize returned {tuple(tokens.shape)}, expected "
+                             f"({len(captions)}, {self.views.context_length}) (context_length)")
+        batch["tokens"] = tokens.long()  # [B, L]
+        return batch
+
+    def _advance(self) -> None:
+        self._pos.micro += 1
+        if self._pos.micro == self.accumulation:  # step done: move the planner past its plan
+            self._planner.next_batch()
+            self._pos = _Position(self._pos.step + 1, 0, self._planner.state_dict())
+
+    def _open_stream(self) -> Iterator:
+        stream = _MicroBatches(self._refs, self._infos, self.views, self.config, self.rank, self.world_size,
+                               copy.deepcopy(self._pos))
+        if self.config.num_workers == 0:
+            return iter(stream)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,
+                            prefetch_factor=self.config.prefetch_factor, persistent_workers=False)
+        return iter(loader)
+
+    # ---- state ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The exact position: identical on every rank, valid for any world size."""
+        return {"version": STATE_VERSION, "step": self._pos.step, "micro": self._pos.micro,
+                "planner": copy.deepcopy(self._pos.planner), "world_size": self.world_size,
+                "global_batch": self.config.global_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at the next micro-batch after the one `state` was taken at."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data state version {state.get('version')} is not {STATE_VERSION}")
+        if state["micro"] and state["world_size"] != self.world_size:
+            raise ValueError(f"data state was taken mid-step (micro-batch {state['micro']}) at world size "
+                             f"{state['world_size']}; it can only resume at world size {state['world_size']}")
+        self._planner = self._new_planner()
+        self._planner.load_state_dict(state["planner"])
+        self._pos = _Position(int(state["step"]), int(state["micro"]), self._planner.state_dict())
+        self.close()
+
+    def bad_sample_counts(self) -> dict[str, int]:
+        """Cumulative skipped samples by reason, summed over this rank's worker processes."""
+        return dict(self._bad)
+
+    def close(self) -> None:
+        """Stop worker processes (the next `next()` starts them again from the position)."""
+        self._stream = None
+
+
+def _accumulation(global_batch: int, world_size: int, micro_batch: int) -> int:
+    if global_batch % world_size or (global_batch // world_size) % micro_batch:
+        raise ValueError(f"global batch {global_batch} does not split into {world_size} ranks x "
+                         f"micro-batches of {micro_batch}")
+    return global_batch // world_size // micro_batch
+
+
+class _MicroBatches(IterableDataset):
+    """This rank's micro-batches from a position on; in a worker, only every n-th of them."""
+
+    def __init__(self, refs: list[SourceRef], infos: list[SourceInfo], views: ViewConfig, config: LoaderConfig,
+                 rank: int, world_size: int, start: _Position):
+        super().__init__()
+        self.refs, self.infos, self.views, self.config = refs, infos, views, config
+        self.rank, self.world_size, self.start = rank, world_size, start
+
+    def __iter__(self) -> Iterator[tuple[dict, list[str], dict]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        maker = MicroBatchMaker(self.refs, self.views)
+        planner = BatchPlanner(self.infos, self.config.global_batch, self.config.seed,
+                               self.config.global_caption_fraction)
+        planner.load_state_dict(self.start.planner)
+        per_rank = self.config.global_batch // self.world_size
+        accumulation = per_rank // self.config.micro_batch
+        n, micro = 0, self.start.micro  # n counts micro-batches from the start position
+        while True:
+            slots = planner.next_batch()
+            used = {s.key for s in slots}
+            mine = slots[self.rank * per_rank:(self.rank + 1) * per_rank]
+            for a in range(micro, accumulation):
+                if n % workers == worker:
+                    part = mine[a * self.config.micro_batch:(a + 1) * self.config.micro_batch]
+                    before = maker.bad.copy()
+                    batch, captions = maker.make(part, used)
+                    yield batch, captions, dict(maker.bad - before)
+                n += 1
+            micro = 0
