@@ -27,6 +27,7 @@ from ps3.model.errors import CheckpointError, PS3InputError
 from ps3.model.forward import PretrainVisionOutput, PS3ImageOutput
 from ps3.model.model import PretrainOutput, PS3Model, clamp_logit_scale_
 from ps3.model.presets import PresetError, PS3Preset, UnknownPresetError, get_preset, list_presets, register_preset
+from ps3.model.tokenizer import Tokenizer, TokenizerError, build_tokenizer, canonicalize, train_tiny_tokenizer
 from ps3.model.vision import PS3VisionEncoder, resize_square
 
 __all__ = [
@@ -45,4 +46,9 @@ __all__ = [
     "PS3ImageOutput",
     "clamp_logit_scale_",
     "resize_square",
+    "Tokenizer",
+    "TokenizerError",
+    "build_tokenizer",
+    "canonicalize",
+    "train_tiny_tokenizer",
 ]
