@@ -79,3 +79,13 @@ def write_bad_source(uri: str, good: int = 6, size=(64, 48)) -> dict:
     from ps3.data.index import read_index
 
     return read_index(uri)
+
+
+@pytest.fixture(scope="session")
+def synth_sources(tmp_path_factory):
+    """Small synthetic document + scene sources shared by the loader tests."""
+    from ps3.data.synth import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("synth")
+    cfg = SynthConfig(scene_size=(200, 320), doc_long_side=(200, 320), texture=False)
+    return generate(f"file://{root}", 24, seed=0, samples_per_shard=7, config=cfg)

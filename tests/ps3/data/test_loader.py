@@ -1,0 +1,171 @@
+"""PS3Loader: batch contents, exact resume (also across world sizes), workers, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ps3.data.index import DataSourceError
+from ps3.data.loader import DataSource, LoaderConfig, PS3Loader
+from ps3.data.views import ViewConfig
+
+from .conftest import BAD_CASES, write_bad_source
+
+TINY = ViewConfig(scales=(32, 64, 128), patch_size=16, budgets=(4, 16), selection_view_size=64, context_length=6)
+PATCHES = ViewConfig(scales=(32, 64, 128), patch_size=16, budgets=(3, 10), selection_view_size=64,
+                     context_length=6, highres="patches")
+
+
+def tokenize(captions: list[str]) -> torch.Tensor:
+    return torch.tensor([[len(c), *(ord(ch) for ch in c[:5].ljust(5))] for c in captions])
+
+
+def make(sources, *, rank=0, world=1, batch=8, micro=4, workers=0, views=TINY, seed=0, frac=0.25):
+    srcs = [DataSource(name, uri) for name, uri in sorted(sources.items())]
+    return PS3Loader(srcs, views, tokenize, rank=rank, world_size=world,
+                     config=LoaderConfig(batch, micro, seed=seed, num_workers=workers, global_caption_fraction=frac))
+
+
+def ids(batches) -> list[int]:
+    return [i for b in batches for i in b["sample_id"].tolist()]
+
+
+def test_batch_keys_and_shapes(synth_sources):
+    b = next(make(synth_sources))
+    assert b["lowres"].shape == (4, 3, 32, 32) and b["selection_view"].shape == (4, 3, 64, 64)
+    assert [t.shape for t in b["highres"]] == [(4, 3, 64, 64), (4, 3, 128, 128)]
+    assert [t.shape for t in b["gt_maps"]] == [(4, 4, 4), (4, 8, 8)]
+    assert b["tokens"].shape == (4, 6) and b["tokens"].dtype == torch.long
+    assert b["is_global"].dtype == torch.bool and b["sample_id"].dtype == torch.long
+    assert -1.0 <= b["lowres"].min() and b["lowres"].max() <= 1.0
+    assert "hr_index" not in b
+
+
+def test_global_step_composition(synth_sources):
+    loader = make(synth_sources, batch=16, micro=8)
+    for _ in range(3):
+        step = [next(loader), next(loader)]
+        glob = torch.cat([b["is_global"] for b in step])
+        assert int(glob.sum()) == 4  # round(0.25 * 16)
+        assert len(set(ids(step))) == 16  # one image at most once per global batch
+        scene = sorted(synth_sources).index("scene")
+        for b in step:
+            assert (b["source"][b["is_global"]] == scene).all()  # documents have no global captions
+            for gt in b["gt_maps"]:
+                assert (gt[b["is_global"]] == 1).all() and (gt[~b["is_global"]] == 0).any()
+
+
+def test_exact_resume(synth_sources):
+    loader = make(synth_sources)
+    for _ in range(3):
+        next(loader)
+    state = loader.state_dict()
+    expected = [next(loader) for _ in range(4)]
+    resumed = make(synth_sources)
+    resumed.load_state_dict(state)
+    got = [next(resumed) for _ in range(4)]
+    assert ids(got) == ids(expected)
+    assert all(torch.equal(a["lowres"], b["lowres"]) and torch.equal(a["tokens"], b["tokens"])
+               for a, b in zip(got, expected))
+
+
+def step_ids(loaders) -> list[int]:
+    """One global step's sample ids, ranks in order."""
+    out = []
+    for loader in loaders:
+        out += ids([next(loader) for _ in range(loader.accumulation)])
+    return out
+
+
+def test_positions_are_global_across_world_sizes(synth_sources):
+    single = make(synth_sources, batch=8, micro=4)
+    two = [make(synth_sources, rank=r, world=2, batch=8, micro=2) for r in range(2)]
+    assert step_ids([single]) == step_ids(two)
+    position = lambda loader: {k: v for k, v in loader.state_dict().items() if k != "world_size"}  # noqa: E731
+    assert two[0].state_dict() == two[1].state_dict() and position(two[0]) == position(single)
+    four = [make(synth_sources, rank=r, world=4, batch=8, micro=1) for r in range(4)]
+    for loader in four:
+        loader.load_state_dict(two[0].state_dict())  # world size 2 -> 4 at a step boundary
+    assert step_ids(four) == step_ids([single])
+
+
+def test_mid_step_state_needs_same_world_size(synth_sources):
+    loader = make(synth_sources, batch=8, micro=2)
+    next(loader)
+    other = make(synth_sources, rank=0, world=2, batch=8, micro=2)
+    with pytest.raises(ValueError, match="mid-step"):
+        other.load_state_dict(loader.state_dict())
+
+
+def test_workers_produce_the_same_batches_and_resume(synth_sources):
+    inline = make(synth_sources, batch=8, micro=2)
+    pooled = make(synth_sources, batch=8, micro=2, workers=2)
+    a, b = [next(inline) for _ in range(5)], [next(pooled) for _ in range(5)]
+    assert ids(a) == ids(b) and all(torch.equal(x["lowres"], y["lowres"]) for x, y in zip(a, b))
+    state = pooled.state_dict()
+    expected = [next(inline) for _ in range(3)]
+    again = make(synth_sources, batch=8, micro=2, workers=2)
+    again.load_state_dict(state)
+    assert ids([next(again) for _ in range(3)]) == ids(expected)
+    again.close()
+    pooled.close()
+
+
+def test_patches_form_teacher_forced_selection(synth_sources):
+    b = next(make(synth_sources, views=PATCHES))
+    assert "highres" not in b
+    assert [t.shape for t in b["hr_index"]] == [(4, 3), (4, 10)]
+    assert [t.shape for t in b["hr_patches"]] == [(4, 3, 3, 16, 16), (4, 10, 3, 16, 16)]
+    for idx, gt in zip(b["hr_index"], b["gt_maps"]):
+        picked = gt.flatten(1).gather(1, idx)  # [B, K]: 1 where a selected cell is in the box
+        inbox = gt.flatten(1).sum(1)
+        assert (picked.sum(1) == torch.minimum(inbox, torch.tensor(float(idx.shape[1])))).all()
+        assert (idx.diff(dim=1) > 0).all()  # ascending, no duplicates
+
+
+def test_patches_match_full_views(synth_sources):
+    """Pre-gathered patches are exactly the cells of the full high-res view."""
+    full = next(make(synth_sources))
+    patched = next(make(synth_sources, views=ViewConfig((32, 64, 128), 16, (4, 16), 64, 6, highres="patches")))
+    assert torch.equal(full["sample_id"], patched["sample_id"])
+    for view, idx, patches in zip(full["highres"], patched["hr_index"], patched["hr_patches"]):
+        g = view.shape[-1] // 16
+        cells = view.unfold(2, 16, 16).unfold(3, 16, 16)  # [B, 3, g, g, 16, 16]
+        cells = cells.permute(0, 2, 3, 1, 4, 5).reshape(view.shape[0], g * g, 3, 16, 16)
+        expected = cells[torch.arange(view.shape[0])[:, None], idx]
+        assert (expected - patches).abs().max() <= 2 / 127.5  # a window resample rounds by <= 1 level
+
+
+def test_bad_samples_skipped_counted_and_replaced(tmp_path):
+    bad_uri = f"file://{tmp_path}/bad"
+    write_bad_source(bad_uri, good=12)
+    for workers in (0, 2):
+        loader = make({"bad": bad_uri}, batch=4, micro=2, workers=workers)
+        seen = []
+        for _ in range(20):
+            b = next(loader)
+            assert b["lowres"].shape[0] == 2
+            seen += ids([b])
+        counts = loader.bad_sample_counts()
+        assert set(counts) == set(BAD_CASES.values()), counts
+        good_ids = {i for i in seen}
+        assert len(good_ids) <= 12  # only the 12 good images ever come out
+        loader.close()
+
+
+def test_missing_shards_fail_at_start_naming_uri(tmp_path, synth_sources):
+    from ps3.data.fs import filesystem
+
+    uri = f"file://{tmp_path}/gone"
+    write_bad_source(uri, good=2)
+    fs, path = filesystem(uri)
+    fs.rm(f"{path}/shard-000000.tar")
+    with pytest.raises(DataSourceError, match=f"{tmp_path}/gone"):
+        make({"gone": uri, **synth_sources})
+
+
+def test_tokenizer_length_mismatch_is_clear(synth_sources):
+    loader = PS3Loader([DataSource("scene", synth_sources["scene"])], TINY, lambda c: torch.zeros(len(c), 3),
+                       rank=0, world_size=1, config=LoaderConfig(4, 4))
+    with pytest.raises(ValueError, match="context_length"):
+        next(loader)
