@@ -6,7 +6,6 @@ State-dict names are the released checkpoint layout (``vision_model.*``, ``text_
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ps3.losses import MAX_LOGIT_SCALE
+from ps3.losses import clamp_logit_scale_ as clamp_param_
 from ps3.model.forward import PS3ImageOutput, encode_image_multilook, vision_pretrain_forward
 from ps3.model.presets import PS3Preset, get_preset
 from ps3.model.text import TextTransformer
@@ -22,7 +23,6 @@ from ps3.model.vision import PS3VisionEncoder
 
 __all__ = ["PS3Model", "PretrainOutput", "clamp_logit_scale_"]
 
-MAX_LOGIT_SCALE = math.log(100.0)
 
 
 @dataclass
@@ -39,9 +39,8 @@ class PretrainOutput:
 
 
 def clamp_logit_scale_(model: "PS3Model", max_value: float = MAX_LOGIT_SCALE) -> None:
-    """Clamp the log temperature to [0, log 100] in place; call after each optimizer step."""
-    with torch.no_grad():
-        model.logit_scale.clamp_(0.0, max_value)
+    """Clamp the model's log temperature to [0, log 100] in place; call after each optimizer step."""
+    clamp_param_(model.logit_scale, max_value)
 
 
 class PS3Model(nn.Module):
