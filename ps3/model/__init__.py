@@ -12,7 +12,7 @@ Public API (what ``ps3.tasks`` should call)::
     clamp_logit_scale_(model)                         # after each optimizer step
     build_tokenizer(path_or_uri, context_length=..., clean="canonicalize") -> Tokenizer
     train_tiny_tokenizer(captions, path, vocab_size=..., context_length=...) -> Tokenizer
-    load_siglip_hf(model, path_or_uri)               # init trunk + text tower from HF SiglipModel files
+    load_siglip_hf(model, path_or_uri, allow_gelu_mismatch=False)  # both towers from HF SiglipModel files
     load_ps3_checkpoint(path_or_uri) -> PS3Model     # released PS3 layout (config.json + model.safetensors)
     export_ps3_checkpoint(model, path_or_uri)
 
@@ -27,8 +27,10 @@ from ps3.model.errors import CheckpointError, PS3InputError
 from ps3.model.forward import PretrainVisionOutput, PS3ImageOutput
 from ps3.model.model import PretrainOutput, PS3Model, clamp_logit_scale_
 from ps3.model.presets import PresetError, PS3Preset, UnknownPresetError, get_preset, list_presets, register_preset
+from ps3.model.siglip_hf import load_siglip_hf
 from ps3.model.tokenizer import Tokenizer, TokenizerError, build_tokenizer, canonicalize, train_tiny_tokenizer
 from ps3.model.vision import PS3VisionEncoder, resize_square
+from ps3.model.weights import export_ps3_checkpoint, load_ps3_checkpoint, preset_from_ps3_config
 
 __all__ = [
     "CheckpointError",
@@ -51,4 +53,8 @@ __all__ = [
     "build_tokenizer",
     "canonicalize",
     "train_tiny_tokenizer",
+    "load_siglip_hf",
+    "load_ps3_checkpoint",
+    "export_ps3_checkpoint",
+    "preset_from_ps3_config",
 ]
