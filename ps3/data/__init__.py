@@ -1,25 +1,43 @@
 """PS3 pre-training data: shards in object storage -> the tensors of one PS3 step.
 
-- `shards`, `index`, `check`: webdataset shards with offset tables, per-source
-  `index.json` (`build_index`), and the validator (`check_source`).
-- `synth`: synthetic documents and scenes (`generate`, `python -m ps3.data.synth`).
+Modules, one job each:
+- `fs`: fsspec access; S3 endpoint/credentials from the environment.
+- `records`: a sample's json, its validation and the bad-sample reasons.
+- `shards`: webdataset tar writer (`ShardWriter`), tar scanning, per-shard offset tables.
+- `index`: per-source `index.json` (`build_index`, `read_index`, `SourceIndex`).
+- `check`: the validator (`check_source`).
+- `synth`: synthetic documents and sign scenes (`generate`, `python -m ps3.data.synth`).
+- `sampling`: per-source balanced global batch planning (`BatchPlanner`).
+- `decode`, `views`: fast 4K decode, scale views, GT maps, teacher-forced patches.
+- `batches`, `loader`: micro-batch assembly and the resumable `PS3Loader`.
 """
 
 from .check import check_source
 from .index import DataSourceError, SourceIndex, build_index, read_index
+from .loader import DataSource, LoaderConfig, PS3Loader, build_loader
 from .records import BAD_REASONS, BadSample, Record
+from .sampling import BatchPlanner, SamplingError, SourceInfo
 from .shards import ShardWriter
 from .synth import SynthConfig, generate
+from .views import ViewConfig
 
 __all__ = [
     "BAD_REASONS",
     "BadSample",
+    "BatchPlanner",
+    "DataSource",
     "DataSourceError",
+    "LoaderConfig",
+    "PS3Loader",
     "Record",
+    "SamplingError",
     "ShardWriter",
     "SourceIndex",
+    "SourceInfo",
     "SynthConfig",
+    "ViewConfig",
     "build_index",
+    "build_loader",
     "check_source",
     "generate",
     "read_index",

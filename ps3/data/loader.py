@@ -185,3 +185,17 @@ class _MicroBatches(IterableDataset):
                     yield batch, captions, dict(maker.bad - before)
                 n += 1
             micro = 0
+
+
+def build_loader(sources: Sequence[DataSource | Mapping], *, rank: int, world_size: int, global_batch: int,
+                 micro_batch: int, seed: int, scales: Sequence[int], patch_size: int, budgets: Sequence[int],
+                 selection_view_size: int, context_length: int, tokenize: Tokenize, num_workers: int = 0,
+                 global_caption_fraction: float = 0.25, highres: str = "auto") -> PS3Loader:
+    """Keyword-only adapter for a task's composition root: flat preset numbers in, loader out.
+
+    `sources` are DataSource or mappings with name, uri and optional weight (the spec's
+    data.sources). The preset numbers come from ps3.model's preset as plain values.
+    """
+    views = ViewConfig(tuple(scales), patch_size, tuple(budgets), selection_view_size, context_length, highres)
+    config = LoaderConfig(global_batch, micro_batch, seed, num_workers, global_caption_fraction)
+    return PS3Loader(sources, views, tokenize, rank=rank, world_size=world_size, config=config)

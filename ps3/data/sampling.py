@@ -88,25 +88,36 @@ class BatchPlanner:
         """The slots of the current step, in batch order; advances to the next step."""
         rng = np.random.default_rng([self.seed, self.step, 0x9E3779B9])
         kinds = [GLOBAL] * self.n_global + [LOCAL] * (self.global_batch - self.n_global)
+        first = {kind: iter(self._choose(rng, self._pools[kind], kinds.count(kind))) for kind in (GLOBAL, LOCAL)}
+        seeds = rng.integers(1 << 62, size=len(kinds))
         used: set[tuple[int, int]] = set()
         slots = []
-        for kind in kinds:
-            src, idx = self._draw(rng, kind, used)
+        for kind, seed in zip(kinds, seeds.tolist()):
+            src, idx = self._draw(rng, kind, next(first[kind]), used)
             used.add((src, idx))
-            slots.append(Slot(src, idx, kind == GLOBAL, int(rng.integers(1 << 62))))
+            slots.append(Slot(src, idx, kind == GLOBAL, seed))
         order = rng.permutation(len(slots))  # spread global pairs over ranks and micro-batches
         self.step += 1
         return [slots[i] for i in order]
 
-    def _draw(self, rng: np.random.Generator, kind: int, used: set) -> tuple[int, int]:
-        pool = list(self._pools[kind])
+    def _choose(self, rng: np.random.Generator, pool: list[int], n: int) -> list[int]:
+        """n sources drawn from `pool` with probability proportional to weight (vectorised)."""
+        if not pool or n == 0:
+            return []
+        weights = np.array([self.sources[i].weight for i in pool], dtype=float)
+        return [pool[i] for i in rng.choice(len(pool), size=n, p=weights / weights.sum()).tolist()]
+
+    def _draw(self, rng: np.random.Generator, kind: int, src: int, used: set) -> tuple[int, int]:
+        idx = self._next_unused(src, kind, used)
+        if idx is not None:
+            return src, idx
+        pool = [i for i in self._pools[kind] if i != src]  # every image of `src` is in the batch
         while pool:
-            weights = np.array([self.sources[i].weight for i in pool], dtype=float)
-            src = pool[int(rng.choice(len(pool), p=weights / weights.sum()))]
+            src = self._choose(rng, pool, 1)[0]
             idx = self._next_unused(src, kind, used)
             if idx is not None:
                 return src, idx
-            pool.remove(src)  # every image of this source is already in the batch
+            pool.remove(src)
         raise SamplingError(
             f"global batch {self.global_batch} needs more distinct images than the sources hold "
             f"({sum(s.size for s in self.sources)}); add data or lower train.globalBatch")

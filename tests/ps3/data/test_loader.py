@@ -169,3 +169,14 @@ def test_tokenizer_length_mismatch_is_clear(synth_sources):
                        rank=0, world_size=1, config=LoaderConfig(4, 4))
     with pytest.raises(ValueError, match="context_length"):
         next(loader)
+
+
+def test_build_loader_takes_flat_preset_numbers(synth_sources):
+    from ps3.data import build_loader
+
+    loader = build_loader([{"name": k, "uri": v, "weight": 1.0} for k, v in synth_sources.items()], rank=1,
+                          world_size=2, global_batch=8, micro_batch=2, seed=3, scales=[32, 64], patch_size=16,
+                          budgets=[5], selection_view_size=64, context_length=6, tokenize=tokenize,
+                          highres="patches")
+    b = next(loader)
+    assert loader.accumulation == 2 and b["hr_patches"][0].shape == (2, 5, 3, 16, 16)
