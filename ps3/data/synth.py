@@ -11,7 +11,10 @@ they are balanced as separate sources and only scenes have global captions:
   word: local captions read "<colour> <shape> sign reading <word>". A sign spans 4.2-5%
   of the long side (scenes are at most 4:3), so in a squash-resized 64 px view it is under
   4.5 px (a colour blob), at 256 px over 10 px (shape clear), and its word needs about
-  1.5K to be read. The closed vocabularies below
+  1.5K to be read. All shapes have the same area and centre of mass, so the blob does not
+  give the shape away. Measured (120 scenes, 417 signs, an MLP on 16x16 crops around
+  each sign): shape accuracy 0.42 from the 64 px view vs 0.80 from 256 px (chance 0.25);
+  colour 0.98 from either. The closed vocabularies below
   let a tiny model learn the captions in minutes on CPU.
 
 Every sample is a pure function of (seed, kind, sample number): generation is
@@ -153,8 +156,9 @@ def _draw_signs(rng, draw, w: int, h: int, cfg: SynthConfig) -> tuple[list, list
             if all(box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for b in boxes):
                 break
         colour, shape = str(rng.choice(SIGN_COLOURS)), str(rng.choice(SIGN_SHAPES))
-        line = max(1, int(side * 0.06))
-        draw_shape(draw, shape, (x, y, x + side, y + side), COLOURS[colour], outline=(0, 0, 0), width=line)
+        line = max(1, int(side * 0.04))
+        draw_shape(draw, shape, _equal_area((x, y, x + side, y + side), shape), COLOURS[colour],
+                   outline=(0, 0, 0), width=line)
         word = None
         if cfg.sign_words:
             word = str(rng.choice(SIGN_WORDS))
@@ -163,6 +167,22 @@ def _draw_signs(rng, draw, w: int, h: int, cfg: SynthConfig) -> tuple[list, list
         boxes.append(tuple(round(v, 1) for v in box))
         captions.append(sign_caption(colour, shape, word))
     return boxes, captions
+
+
+#: Every shape covers the same area (3/8 of the sign's box) and has its centre of mass at
+#: the box centre, so a few-pixel blob at low resolution carries the same colour mass in
+#: the same place whatever the shape: only detail tells the shapes apart.
+_AREA = 0.375
+_SIDE = {"square": math.sqrt(_AREA), "circle": math.sqrt(4 * _AREA / math.pi), "cross": math.sqrt(_AREA * 9 / 5)}
+
+
+def _equal_area(box: tuple[float, float, float, float], shape: str) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = box
+    side, cx, cy = x1 - x0, (x0 + x1) / 2, (y0 + y1) / 2
+    if shape == "triangle":  # full width, 3/4 height, centroid (1/3 up from the base) at the centre
+        return x0, cy - side / 2, x1, cy + side / 4
+    half = side * _SIDE[shape] / 2
+    return cx - half, cy - half, cx + half, cy + half
 
 
 def make_document(rng: np.random.Generator, cfg: SynthConfig) -> tuple[Image.Image, list, list, None]:

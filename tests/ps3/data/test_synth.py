@@ -60,3 +60,21 @@ def test_cli_writes_sources(tmp_path, capsys):
     assert main(["--out", f"file://{tmp_path}/cli", "--samples", "2", "--kinds", "scene", "--max-side", "400"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert list(out["sources"]) == ["scene"] and read_index(out["sources"]["scene"])["samples"] == 2
+
+
+def test_sign_shapes_have_equal_area_and_centred_mass():
+    """At low resolution a sign is a blob; equal mass in the same place hides its shape."""
+    import numpy as np
+    from PIL import ImageDraw
+
+    from ps3.data.synth import _equal_area, draw_shape
+
+    areas, centres = [], []
+    for shape in SIGN_SHAPES:
+        mask = Image.new("L", (400, 400))
+        draw_shape(ImageDraw.Draw(mask), shape, _equal_area((0, 0, 400, 400), shape), 255)
+        ys, xs = np.nonzero(np.asarray(mask))
+        areas.append(len(xs))
+        centres.append((xs.mean(), ys.mean()))
+    assert max(areas) / min(areas) < 1.05
+    assert all(abs(cx - 200) < 8 and abs(cy - 200) < 8 for cx, cy in centres)
