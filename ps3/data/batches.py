@@ -26,7 +26,9 @@ from .views import FastPixels, ViewConfig, sample_tensors
 log = logging.getLogger(__name__)
 #: After this many bad samples in a row for one slot, the source is considered broken.
 MAX_ATTEMPTS = 32
+#: Keys already logged by this process; bounded so a rotten source cannot grow it forever.
 _logged_keys: set[str] = set()
+MAX_LOGGED_KEYS = 100_000
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ class MicroBatchMaker:
     def _count(self, exc: BadSample, index: SourceIndex) -> None:
         self.bad[exc.reason] += 1
         where = f"{index.uri}#{exc.key}"
-        if where not in _logged_keys:
+        if where not in _logged_keys and len(_logged_keys) < MAX_LOGGED_KEYS:
             _logged_keys.add(where)
             log.warning("skipping bad sample %s: %s", where, exc)
 

@@ -180,3 +180,32 @@ def test_build_loader_takes_flat_preset_numbers(synth_sources):
                           highres="patches")
     b = next(loader)
     assert loader.accumulation == 2 and b["hr_patches"][0].shape == (2, 5, 3, 16, 16)
+
+
+def test_bad_sample_key_logged_once(tmp_path, caplog):
+    bad_uri = f"file://{tmp_path}/bad"
+    write_bad_source(bad_uri, good=4)
+    loader = make({"bad": bad_uri}, batch=4, micro=4)
+    with caplog.at_level("WARNING", logger="ps3.data.batches"):
+        for _ in range(15):  # every bad sample is drawn several times
+            next(loader)
+    logged = [r.getMessage() for r in caplog.records if "skipping bad sample" in r.getMessage()]
+    assert len(logged) == len(set(logged)) == len(BAD_CASES)
+    assert sum(loader.bad_sample_counts().values()) > len(BAD_CASES)
+    assert any("b_box" in m and "bad_box" in m for m in logged)
+
+
+def test_truncated_shard_samples_are_read_errors(tmp_path):
+    from ps3.data.fs import filesystem
+
+    from .conftest import write_source
+
+    uri = f"file://{tmp_path}/trunc"
+    write_source(uri, 12, per_shard=6, size=(64, 64))
+    fs, path = filesystem(uri)
+    data = fs.cat_file(f"{path}/shard-000001.tar")
+    fs.pipe_file(f"{path}/shard-000001.tar", data[:2048])  # the offset table still lists 6 samples
+    loader = make({"toy": uri}, batch=6, micro=6, frac=0.0)
+    out = ids([next(loader) for _ in range(4)])
+    assert loader.bad_sample_counts().get("read_error", 0) >= 1
+    assert all((i & 0xFFFFFFFF) < 6 or (i & 0xFFFFFFFF) == 6 for i in out)  # only shard 0 (and its first) survive
