@@ -18,24 +18,24 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core, before torch starts its pools
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import tempfile
+import time
 
-import torch  # noqa: E402
+import torch
 
-from ps3.data.batches import MicroBatchMaker, SourceRef  # noqa: E402
-from ps3.data.decode import plain_decode  # noqa: E402
-from ps3.data.index import SourceIndex  # noqa: E402
-from ps3.data.records import parse_record  # noqa: E402
-from ps3.data.sampling import Slot  # noqa: E402
-from ps3.data.shards import read_sample_bytes  # noqa: E402
-from ps3.data.synth import SynthConfig, generate  # noqa: E402
-from ps3.data.views import PlainPixels, ViewConfig, sample_tensors  # noqa: E402
+from ps3.data.batches import MicroBatchMaker, SourceRef
+from ps3.data.decode import plain_decode
+from ps3.data.index import SourceIndex
+from ps3.data.records import parse_record
+from ps3.data.sampling import Slot
+from ps3.data.shards import read_sample_bytes
+from ps3.data.synth import SynthConfig, generate
+from ps3.data.views import PlainPixels, ViewConfig, sample_tensors
 
-PS3_4K = dict(scales=(378, 756, 1512, 3780), patch_size=14, budgets=(85, 341, 2134), selection_view_size=1512,
-              context_length=64)
+PS3_4K = {"scales": (378, 756, 1512, 3780), "patch_size": 14, "budgets": (85, 341, 2134),
+          "selection_view_size": 1512, "context_length": 64}
 
 
 def make_data(root: str, samples: int) -> str:

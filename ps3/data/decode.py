@@ -16,7 +16,6 @@ and `bench/data_4k.py` compare against.
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass
 
 import numpy as np

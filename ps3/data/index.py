@@ -106,7 +106,7 @@ class SourceIndex:
         self.fs, self.path = filesystem(self.uri)
 
     @classmethod
-    def open(cls, uri: str) -> "SourceIndex":
+    def open(cls, uri: str) -> SourceIndex:
         """Read index.json and check that at least one listed shard exists."""
         index = read_index(uri)
         listed = [(s["name"], int(s["samples"])) for s in index["shards"] if int(s["samples"]) > 0]

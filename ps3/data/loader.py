@@ -13,8 +13,8 @@ from __future__ import annotations
 import copy
 import logging
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -88,7 +88,7 @@ class PS3Loader:
                             self.config.global_caption_fraction)
 
     # ---- iteration -----------------------------------------------------------------
-    def __iter__(self) -> "PS3Loader":
+    def __iter__(self) -> PS3Loader:
         return self
 
     def __next__(self) -> dict:

@@ -17,8 +17,8 @@ another world size continues with exactly the same samples.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Container
 from dataclasses import dataclass
-from typing import Container
 
 import numpy as np
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Iterator
+from typing import IO
 
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
@@ -41,7 +42,7 @@ class SampleEntry:
         return [self.key, self.image_ext, self.image, self.json, self.boxes, int(self.has_global)]
 
     @classmethod
-    def from_list(cls, row: list) -> "SampleEntry":
+    def from_list(cls, row: list) -> SampleEntry:
         key, ext, image, js, boxes, glob = row
         return cls(key, ext, tuple(image) if image else None, tuple(js) if js else None, int(boxes), bool(glob))
 
@@ -169,12 +170,14 @@ class ShardWriter:
 
     def close(self) -> dict:
         """Flush the last shard and write the source's index.json; returns the index."""
-        from .index import build_index  # index builds on shards; import here avoids a cycle
+        from .index import (
+            build_index,  # index builds on shards; import here avoids a cycle
+        )
 
         self._flush()
         return build_index(self.uri, source=self.source)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, exc_type, *exc) -> None:

@@ -28,8 +28,8 @@ import functools
 import io
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFont
@@ -47,11 +47,7 @@ SIGN_COLOURS = ("red", "green", "blue", "yellow")
 SIGN_SHAPES = ("circle", "square", "triangle", "cross")
 SIGN_WORDS = ("cat", "dog", "sun", "map", "key", "box")
 LARGE_SHAPES = ("circle", "square", "triangle")
-DOC_WORDS = (
-    "invoice total amount due date account number payment received order item price quantity "
-    "tax shipping address customer report summary page section table figure result method data "
-    "value sample model test annual review budget plan meeting notes approved signed"
-).split()
+DOC_WORDS = ["invoice", "total", "amount", "due", "date", "account", "number", "payment", "received", "order", "item", "price", "quantity", "tax", "shipping", "address", "customer", "report", "summary", "page", "section", "table", "figure", "result", "method", "data", "value", "sample", "model", "test", "annual", "review", "budget", "plan", "meeting", "notes", "approved", "signed"]
 KINDS = ("document", "scene")
 
 

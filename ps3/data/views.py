@@ -18,7 +18,14 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .decode import REDUCING_GAP, SELECTION_GAP, Decoded, full_view, plain_view, window_view
+from .decode import (
+    REDUCING_GAP,
+    SELECTION_GAP,
+    Decoded,
+    full_view,
+    plain_view,
+    window_view,
+)
 
 Box = tuple[float, float, float, float]
 
@@ -111,8 +118,8 @@ def box_cells(box: Box, width: int, height: int, scale: int, patch: int) -> tupl
     """(r0, c0, r1, c1), end-exclusive: the cells of scale's grid that the box overlaps."""
     grid = scale // patch
     sx, sy = scale / width / patch, scale / height / patch
-    c0, r0 = int(math.floor(box[0] * sx)), int(math.floor(box[1] * sy))
-    c1, r1 = int(math.ceil(box[2] * sx)), int(math.ceil(box[3] * sy))
+    c0, r0 = math.floor(box[0] * sx), math.floor(box[1] * sy)
+    c1, r1 = math.ceil(box[2] * sx), math.ceil(box[3] * sy)
     c0, r0 = min(max(c0, 0), grid - 1), min(max(r0, 0), grid - 1)
     return r0, c0, max(min(r1, grid), r0 + 1), max(min(c1, grid), c0 + 1)
 

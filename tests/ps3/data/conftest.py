@@ -57,8 +57,8 @@ def write_bad_source(uri: str, good: int = 6, size=(64, 48)) -> dict:
     img = jpeg_bytes(w, h)
 
     def rec(key, **kw):
-        base = dict(key=key, width=w, height=h, boxes=[(1, 1, 20, 20)], captions=["a sign"],
-                    global_caption="a scene", source="bad")
+        base = {"key": key, "width": w, "height": h, "boxes": [(1, 1, 20, 20)], "captions": ["a sign"],
+                "global_caption": "a scene", "source": "bad"}
         return Record(**(base | kw)).to_json()
 
     bad_members = {

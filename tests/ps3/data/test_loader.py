@@ -81,7 +81,7 @@ def test_positions_are_global_across_world_sizes(synth_sources):
     single = make(synth_sources, batch=8, micro=4)
     two = [make(synth_sources, rank=r, world=2, batch=8, micro=2) for r in range(2)]
     assert step_ids([single]) == step_ids(two)
-    position = lambda loader: {k: v for k, v in loader.state_dict().items() if k != "world_size"}  # noqa: E731
+    position = lambda loader: {k: v for k, v in loader.state_dict().items() if k != "world_size"}
     assert two[0].state_dict() == two[1].state_dict() and position(two[0]) == position(single)
     four = [make(synth_sources, rank=r, world=4, batch=8, micro=1) for r in range(4)]
     for loader in four:

@@ -59,7 +59,7 @@ def test_deterministic_and_resumable_from_state():
     b = BatchPlanner(list(reversed(SOURCES)), 16, seed=5)  # source order in the spec changed
     b.load_state_dict(state)
     got = [b.next_batch() for _ in range(3)]
-    name = lambda planner, s: planner.sources[s.source].name  # noqa: E731
+    name = lambda planner, s: planner.sources[s.source].name
     assert [[(name(a, s), s.index, s.is_global) for s in batch] for batch in expected] == \
         [[(name(b, s), s.index, s.is_global) for s in batch] for batch in got]
 

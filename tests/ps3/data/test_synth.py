@@ -9,7 +9,15 @@ from PIL import Image
 
 from ps3.data.check import check_source
 from ps3.data.index import read_index
-from ps3.data.synth import SIGN_COLOURS, SIGN_SHAPES, SIGN_WORDS, SynthConfig, generate, main, sample
+from ps3.data.synth import (
+    SIGN_COLOURS,
+    SIGN_SHAPES,
+    SIGN_WORDS,
+    SynthConfig,
+    generate,
+    main,
+    sample,
+)
 
 SMALL = SynthConfig(scene_size=(320, 480), doc_long_side=(300, 500))
 
