@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batches import MicroBatchMaker, SourceRef
 from .index import SourceIndex
-from .sampling import BatchPlanner, SourceInfo
+from .sampling import BatchPlanner, SamplingError, SourceInfo
 from .views import ViewConfig
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,9 @@ class PS3Loader:
         indexes = [SourceIndex.open(s.uri) for s in self.sources]  # fails at start on a dead source
         self._infos = [SourceInfo(s.name, len(ix), s.weight, ix.global_captions > 0)
                        for s, ix in zip(self.sources, indexes)]
+        if sum(i.size for i in self._infos) < config.global_batch:
+            raise SamplingError(f"global batch {config.global_batch} is larger than the {sum(i.size for i in self._infos)} "
+                                f"images in {[s.uri for s in self.sources]}: one image may appear once per batch")
         self._refs = [SourceRef(s.name, s.uri, i) for i, s in enumerate(self.sources)]
         self._planner = self._new_planner()
         self._pos = _Position(planner=self._planner.state_dict())

@@ -209,3 +209,10 @@ def test_truncated_shard_samples_are_read_errors(tmp_path):
     out = ids([next(loader) for _ in range(4)])
     assert loader.bad_sample_counts().get("read_error", 0) >= 1
     assert all((i & 0xFFFFFFFF) < 6 or (i & 0xFFFFFFFF) == 6 for i in out)  # only shard 0 (and its first) survive
+
+
+def test_batch_larger_than_data_fails_at_start(synth_sources):
+    from ps3.data.sampling import SamplingError
+
+    with pytest.raises(SamplingError, match="larger than the 48 images"):
+        make(synth_sources, batch=64, micro=8)

@@ -69,3 +69,13 @@ def test_replacement_is_deterministic_and_avoids_batch():
     used = {(slot.source, i) for i in range(990)}
     r = replacement(slot, 0, 1000, used)
     assert r == replacement(slot, 0, 1000, used) and r >= 990
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 1000, 4097])
+def test_feistel_is_a_seeded_permutation(size):
+    from ps3.data.sampling import FeistelPermutation
+
+    a, b = FeistelPermutation(size, [1, 2]), FeistelPermutation(size, [1, 3])
+    assert sorted(a(i) for i in range(size)) == list(range(size))
+    if size > 8:
+        assert [a(i) for i in range(size)] != [b(i) for i in range(size)] != list(range(size))
