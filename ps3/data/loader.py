@@ -70,7 +70,7 @@ class PS3Loader:
 
     def __init__(self, sources: Sequence[DataSource | Mapping], views: ViewConfig, tokenize: Tokenize, *,
                  rank: int, world_size: int, config: LoaderConfig):
-        self.sources = [s if isinstance(s, DataSource) else DataSource(**s) for s in sources]
+        self.sources = [_as_source(s) for s in sources]
         self.views, self.tokenize, self.config = views, tokenize, config
         self.rank, self.world_size = rank, world_size
         self.accumulation = _accumulation(config.global_batch, world_size, config.micro_batch)
@@ -148,6 +148,15 @@ class PS3Loader:
     def close(self) -> None:
         """Stop worker processes (the next `next()` starts them again from the position)."""
         self._stream = None
+
+
+def _as_source(source) -> DataSource:
+    """A DataSource from itself, a mapping, or any object with name/uri/weight (the spec's Source)."""
+    if isinstance(source, DataSource):
+        return source
+    if isinstance(source, Mapping):
+        return DataSource(**source)
+    return DataSource(source.name, str(source.uri), float(getattr(source, "weight", 1.0)))
 
 
 def _accumulation(global_batch: int, world_size: int, micro_batch: int) -> int:

@@ -174,6 +174,10 @@ def test_tokenizer_length_mismatch_is_clear(synth_sources):
 def test_build_loader_takes_flat_preset_numbers(synth_sources):
     from ps3.data import build_loader
 
+    from types import SimpleNamespace
+
+    spec_like = [SimpleNamespace(name="scene", uri=synth_sources["scene"], weight=2.0)]
+    assert PS3Loader(spec_like, TINY, tokenize, rank=0, world_size=1, config=LoaderConfig(4, 4)).sources[0].weight == 2
     loader = build_loader([{"name": k, "uri": v, "weight": 1.0} for k, v in synth_sources.items()], rank=1,
                           world_size=2, global_batch=8, micro_batch=2, seed=3, scales=[32, 64], patch_size=16,
                           budgets=[5], selection_view_size=64, context_length=6, tokenize=tokenize,
