@@ -33,9 +33,11 @@ def _trunk_fields(v: dict[str, Any], source: str) -> dict[str, Any]:
     name = v.get("model_name")
     if name in _TRUNKS:
         return dict(_TRUNKS[name])
-    explicit = ("patch_size", "depth", "num_heads", "mlp_dim")
-    if all(k in v for k in explicit):
-        return dict(patch_size=v["patch_size"], width=v["hidden_size"], depth=v["depth"], heads=v["num_heads"], mlp_dim=v["mlp_dim"])
+    # Our exports of custom trunks carry them under their own key: the released config
+    # class owns ``patch_size`` (always 14) and would overwrite a top-level one.
+    explicit = v.get("trunk_config")
+    if isinstance(explicit, dict) and set(explicit) == {"patch_size", "width", "depth", "heads", "mlp_dim"}:
+        return dict(explicit)
     raise CheckpointError(f"{source}: vision trunk {name!r} is not supported (known: {', '.join(_TRUNKS)})")
 
 
@@ -71,7 +73,7 @@ def preset_from_ps3_config(cfg: dict[str, Any], source: str = "config.json") -> 
     sel = {k: v.get(f"highres_selection_module_{k}", d) for k, d in _SEL_DEFAULTS.items()}
     return PS3Preset(
         name=cfg.get("_name_or_path") or "ps3-checkpoint", scales=scales, select_layers=tuple(v["select_based_on_layer"]),
-        max_select_num=v["max_select_num"], separate_pos_emb=v.get("separate_pos_emb", True),
+        max_select_num=v.get("max_select_num", 1280),  # PS3VisionConfig's default separate_pos_emb=v.get("separate_pos_emb", True),
         # The released branch always sees a 1512 view and uses head 0 for every scale.
         selection_view_size=v.get("selection_view_size", 1512),
         share_first_selection_head=v.get("share_first_selection_head", True),
@@ -91,8 +93,8 @@ def ps3_config_from_preset(p: PS3Preset) -> dict[str, Any]:
         max_select_num=p.max_select_num, separate_pos_emb=p.separate_pos_emb, highres_selection_feature=True,
         highres_selection_module_hidden_dim=p.sel_hidden_dim, highres_selection_module_out_dim=p.sel_out_dim,
         highres_selection_module_depth=p.sel_depth, highres_selection_module_kernel_size=p.sel_kernel_size,
-        patch_size=p.patch_size, depth=p.depth, num_heads=p.heads, mlp_dim=p.mlp_dim,
-        selection_view_size=p.selection_view_size, share_first_selection_head=p.share_first_selection_head,
+        trunk_config=trunk, selection_view_size=p.selection_view_size, share_first_selection_head=p.share_first_selection_head,
+        img_size=p.scales[0],  # the released loader sizes timm's pos_embed table from this
     )
     text = dict(
         architectures=["PS3TextModel"], model_type="ps3_text_model", context_length=p.text_context_length,
