@@ -492,19 +492,21 @@ class Checkpointer:
         """step -> {file relative to the step dir: size}, from one recursive listing."""
         loc = self.location
         loc.fresh(loc.root)
-        try:
-            names = loc.fs.ls(loc.root, detail=False)
-        except FileNotFoundError:
-            return {}
         steps: dict[int, dict[str, int]] = {}
-        for name in names:
-            if match := _STEP_DIR.match(name.rstrip("/").rsplit("/", 1)[-1]):
-                steps[int(match.group(1))] = {}
-        if steps:
-            for path, info in loc.fs.find(loc.root, detail=True).items():
-                head, _, rest = path[len(loc.root):].lstrip("/").partition("/")
-                if (match := _STEP_DIR.match(head)) and rest and info.get("type") != "directory":
-                    steps.setdefault(int(match.group(1)), {})[rest] = int(info["size"])
+        if loc.is_local:  # empty step dirs exist only on real filesystems (and are partial steps)
+            if not loc.fs.isdir(loc.root):
+                return {}
+            for name in loc.fs.ls(loc.root, detail=False):
+                if match := _STEP_DIR.match(name.rstrip("/").rsplit("/", 1)[-1]):
+                    steps[int(match.group(1))] = {}
+        try:
+            found = loc.fs.find(loc.root, detail=True)
+        except FileNotFoundError:
+            found = {}
+        for path, info in found.items():
+            head, _, rest = path[len(loc.root):].lstrip("/").partition("/")
+            if (match := _STEP_DIR.match(head)) and rest and info.get("type") != "directory":
+                steps.setdefault(int(match.group(1)), {})[rest] = int(info["size"])
         self._seen_steps = set(steps)
         return steps
 
