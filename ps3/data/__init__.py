@@ -18,8 +18,18 @@ from .loader import DataSource, LoaderConfig, PS3Loader, build_loader
 from .records import BAD_REASONS, BadSample, Record
 from .sampling import BatchPlanner, SamplingError, SourceInfo
 from .shards import ShardWriter
-from .synth import SynthConfig, generate
 from .views import ViewConfig
+
+
+def __getattr__(name: str):
+    """`generate`/`SynthConfig` load ps3.data.synth on first use, so that
+    `python -m ps3.data.synth` does not find the module half-imported (runpy warning)."""
+    if name in ("SynthConfig", "generate"):
+        from . import synth
+
+        return getattr(synth, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BAD_REASONS",
