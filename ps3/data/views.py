@@ -52,8 +52,8 @@ class ViewConfig:
         if len(self.budgets) != len(self.scales) - 1:
             raise ValueError(f"need one budget per high-res scale {self.scales[1:]}, got {self.budgets}")
         for s, k in zip(self.scales[1:], self.budgets):
-            if not 0 < k <= (s // self.patch_size) ** 2:
-                raise ValueError(f"budget {k} at scale {s} must be in [1, {(s // self.patch_size) ** 2}]")
+            if not 0 <= k <= (s // self.patch_size) ** 2:  # 0 happens: budgets split by pixel share
+                raise ValueError(f"budget {k} at scale {s} must be in [0, {(s // self.patch_size) ** 2}]")
         if self.highres not in ("auto", "full", "patches"):
             raise ValueError(f"highres must be auto, full or patches, got {self.highres!r}")
 
@@ -139,6 +139,8 @@ def select_cells(cells: tuple[int, int, int, int], grid: int, budget: int) -> np
     dist = (rows + 0.5 - (r0 + r1) / 2) ** 2 + (cols + 0.5 - (c0 + c1) / 2) ** 2
     inside = (rows >= r0) & (rows < r1) & (cols >= c0) & (cols < c1)
     key = dist + np.where(inside, 0.0, 4.0 * grid * grid)  # any inside cell beats any outside
+    if budget == 0:
+        return np.zeros(0, dtype=np.int64)
     chosen = np.argpartition(key, budget - 1)[:budget] if budget < key.size else np.arange(key.size)
     return np.sort(chosen)
 
@@ -146,6 +148,8 @@ def select_cells(cells: tuple[int, int, int, int], grid: int, budget: int) -> np
 def gather_patches(pixels: Pixels, scale: int, patch: int, chosen: np.ndarray) -> torch.Tensor:
     """float [K, 3, p, p]: the chosen cells' pixels, resampling only their bounding window."""
     grid = scale // patch
+    if chosen.size == 0:
+        return torch.zeros(0, 3, patch, patch)
     rows, cols = np.divmod(chosen, grid)
     r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     win = pixels.window(scale, (int(c0 * patch), int(r0 * patch), int(c1 * patch), int(r1 * patch)))

@@ -220,3 +220,10 @@ def test_batch_larger_than_data_fails_at_start(synth_sources):
 
     with pytest.raises(SamplingError, match="larger than the 48 images"):
         make(synth_sources, batch=64, micro=8)
+
+
+def test_zero_budget_scale_gives_empty_patches(synth_sources):
+    views = ViewConfig((32, 64, 128), 16, (0, 6), 64, 6, highres="patches")
+    b = next(make(synth_sources, views=views))
+    assert b["hr_index"][0].shape == (4, 0) and b["hr_patches"][0].shape == (4, 0, 3, 16, 16)
+    assert b["hr_patches"][1].shape == (4, 6, 3, 16, 16)
