@@ -172,9 +172,9 @@ def test_tokenizer_length_mismatch_is_clear(synth_sources):
 
 
 def test_build_loader_takes_flat_preset_numbers(synth_sources):
-    from ps3.data import build_loader
-
     from types import SimpleNamespace
+
+    from ps3.data import build_loader
 
     spec_like = [SimpleNamespace(name="scene", uri=synth_sources["scene"], weight=2.0)]
     assert PS3Loader(spec_like, TINY, tokenize, rank=0, world_size=1, config=LoaderConfig(4, 4)).sources[0].weight == 2
