@@ -50,6 +50,9 @@ class KVAttention(nn.Module):
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, H, N, hd]
+        # Own K/V leave the block (low-res cache): contiguous copies, not views of qkv, so
+        # FSDP2's output hooks stay valid and SDPA gets dense keys.
+        k, v = k.contiguous(), v.contiguous()
         keys, values = k, v
         if prefix_kv is not None:
             pk, pv = prefix_kv  # [B, H, N0, hd]

@@ -31,8 +31,8 @@ class PretrainOutput:
 
     image_features: torch.Tensor  # [B, E] L2-normalised
     text_features: torch.Tensor  # [B, E] L2-normalised
-    logit_scale: torch.Tensor  # [] exp of the learned log temperature
-    logit_bias: torch.Tensor  # []
+    logit_scale: torch.Tensor  # [1] exp of the learned log temperature
+    logit_bias: torch.Tensor  # [1]
     topdown_probs: list[torch.Tensor]  # per high-res scale [B, G_s, G_s]
     bottomup_probs: list[torch.Tensor]  # per high-res scale [B, G_s, G_s]
     hr_index: list[torch.Tensor]  # per scale long [B, K_s], the encoded cells
@@ -55,8 +55,10 @@ class PS3Model(nn.Module):
         self.preset = preset
         self.vision_model = PS3VisionEncoder(preset)
         self.text_model = TextTransformer(preset)
-        self.logit_scale = nn.Parameter(torch.tensor(preset.init_logit_scale))
-        self.logit_bias = nn.Parameter(torch.tensor(preset.init_logit_bias))
+        # Shape [1], not []: FSDP2 cannot shard scalar parameters. The released layout stores
+        # them as scalars; ps3.model.weights converts on the way in and out.
+        self.logit_scale = nn.Parameter(torch.tensor([preset.init_logit_scale]))
+        self.logit_bias = nn.Parameter(torch.tensor([preset.init_logit_bias]))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Non-reentrant activation checkpointing of every vision and text block."""
@@ -97,7 +99,9 @@ class PS3Model(nn.Module):
         )
         return PretrainOutput(
             image_features=F.normalize(vis.pooled, dim=-1), text_features=F.normalize(text, dim=-1),
-            logit_scale=self.logit_scale.exp(), logit_bias=self.logit_bias,
+            # Computed inside forward (clone, not the parameter itself): under FSDP2 the root's
+            # unsharded parameters are freed after forward.
+            logit_scale=self.logit_scale.exp(), logit_bias=self.logit_bias.clone(),
             topdown_probs=vis.topdown_probs, bottomup_probs=vis.bottomup_probs, hr_index=vis.hr_index,
         )
 

@@ -47,7 +47,7 @@ def logits_to_probs(logits: torch.Tensor, grids: tuple[int, ...], share_first: b
     out = []
     for i, g in enumerate(grids):
         p = F.interpolate(probs[:, i:i + 1].float(), size=(g, g), mode="nearest")
-        out.append(p[:, 0].to(probs.dtype))  # [B, G_s, G_s]
+        out.append(p[:, 0].to(probs.dtype, copy=True))  # [B, G_s, G_s]; a copy, not a view (FSDP2 hooks)
     return out
 
 

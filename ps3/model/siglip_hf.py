@@ -94,8 +94,8 @@ def siglip_hf_to_ps3(tensors: dict[str, torch.Tensor], preset: PS3Preset, source
     out: dict[str, torch.Tensor] = {}
     _vision(take, out, preset.depth, preset.width)
     _text(take, out, preset.text_depth)
-    out["logit_scale"] = take("logit_scale").reshape(())
-    out["logit_bias"] = take("logit_bias").reshape(())
+    out["logit_scale"] = take("logit_scale").reshape(-1)  # [1]
+    out["logit_bias"] = take("logit_bias").reshape(-1)
     extra = [k for k in tensors if k not in take.used and not k.endswith("position_ids")]
     if take.absent or extra:
         raise CheckpointError(f"{source} is not a SiglipModel matching preset {preset.name}: "

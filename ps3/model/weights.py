@@ -26,6 +26,7 @@ _TRUNKS = {
 }
 _SEL_DEFAULTS = dict(hidden_dim=512, out_dim=512, depth=3, kernel_size=28)
 _PRESET_KEY = "ps3_platform_preset"
+_SCALARS = ("logit_scale", "logit_bias")
 
 
 def _trunk_fields(v: dict[str, Any], source: str) -> dict[str, Any]:
@@ -117,6 +118,9 @@ def load_ps3_checkpoint(path_or_uri: str, **overrides: Any) -> PS3Model:
     preset = preset_from_ps3_config(read_json(join(source, "config.json")), source)
     model = PS3Model(preset.replace(**overrides) if overrides else preset)
     tensors = read_tensors(join(source, "model.safetensors"))
+    for key in _SCALARS:  # released layout: scalars; ours: [1] (FSDP2 cannot shard scalars)
+        if key in tensors and tensors[key].dim() == 0:
+            tensors[key] = tensors[key].reshape(1)
     expected = model.state_dict()
     # Older exports may lack the loss temperature/bias; they then keep their init values.
     check_state_dict(source, tensors, expected, allowed_missing={"logit_scale", "logit_bias"})
@@ -128,7 +132,8 @@ def export_ps3_checkpoint(model: PS3Model, path_or_uri: str) -> None:
     """Write ``config.json``, ``model.safetensors`` and ``preprocessor_config.json`` in the released layout."""
     p = model.preset
     write_json(join(path_or_uri, "config.json"), ps3_config_from_preset(p))
-    write_tensors(join(path_or_uri, "model.safetensors"), model.state_dict())
+    state = model.state_dict()
+    write_tensors(join(path_or_uri, "model.safetensors"), {k: v.reshape(()) if k in _SCALARS else v for k, v in state.items()})
     write_json(join(path_or_uri, "preprocessor_config.json"), {
         "image_size": [p.scales[-1], p.scales[-1]], "mean": [0.5] * 3, "std": [0.5] * 3,
         "interpolation": "bicubic", "resize_mode": "squash",
