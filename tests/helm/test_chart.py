@@ -1,0 +1,253 @@
+"""helm/ps3-platform rendered by the real Helm engine: valid objects, and each part does its job."""
+
+from __future__ import annotations
+
+import json
+import py_compile
+import re
+import tempfile
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from ps3_platform.compile import compile_job
+from ps3_platform.spec import load_pools, load_text, parse_pools
+from ps3_platform.spec.pools import DEFAULT_POOLS_FILE
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "ps3-platform"
+K8S_VERSION = "1.30.0"
+#: API groups validated against vendored CRDs (or, for monitoring, by shape): not core.
+KUEUE_SCHEMAS = {"ResourceFlavor": "kueue-resourceflavors.yaml", "ClusterQueue": "kueue-clusterqueues.yaml",
+                 "LocalQueue": "kueue-localqueues.yaml"}
+MONITORING = {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
+PLATFORMCTL_RULES = [
+    {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"],
+     "verbs": ["create", "get", "list", "watch", "update", "patch", "delete"]},
+    {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs/status"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "list", "update", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list", "watch"]},
+]
+ARGO_RULE = {"apiGroups": ["argoproj.io"], "resources": ["workflows"],
+             "verbs": ["create", "get", "list", "watch", "delete"]}
+
+
+def by_kind(objs, kind):
+    return [o for _, o in objs if o["kind"] == kind]
+
+
+def one(objs, kind, name=None):
+    found = [o for o in by_kind(objs, kind) if name is None or o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+def test_lint_is_clean_with_defaults_and_all_toggles(chart_engine, all_on):
+    assert chart_engine.lint({}) == []
+    assert chart_engine.lint(all_on) == []
+
+
+def test_default_render_has_the_platform_objects_and_no_optional_ones(default_objects):
+    kinds = {(o["kind"], o["metadata"]["name"]) for _, o in default_objects}
+    for expected in [("ConfigMap", "ps3-platform-pools"), ("PriorityClass", "ps3-training"),
+                     ("PriorityClass", "ps3-batch"), ("ServiceAccount", "ps3-platform-job"),
+                     ("Role", "ps3-platform-platformctl"), ("NetworkPolicy", "ps3-platform-training"),
+                     ("PodMonitor", "ps3-platform-training"), ("PrometheusRule", "ps3-platform")]:
+        assert expected in kinds
+    present = {o["kind"] for _, o in default_objects if "helm.sh/hook" not in (o["metadata"].get("annotations") or {})}
+    for optional in ("CustomResourceDefinition", "Deployment", "ServiceMonitor", "ResourceFlavor", "ClusterQueue",
+                     "ValidatingWebhookConfiguration", "RoleBinding"):
+        assert optional not in present, f"{optional} rendered although its toggle is off"
+
+
+@pytest.mark.parametrize("which", ["default_objects", "full_objects"])
+def test_every_object_is_valid(which, request, crd_schema):
+    """Core kinds against Kubernetes' OpenAPI (strict), Kueue kinds against their CRDs."""
+    checked = 0
+    for path, obj in request.getfixturevalue(which):
+        if obj["kind"] in MONITORING:
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1" and obj["spec"], path
+            continue
+        if obj["kind"] in KUEUE_SCHEMAS:
+            errors = [e.message for e in crd_schema(KUEUE_SCHEMAS[obj["kind"]]).iter_errors(obj)]
+            assert not errors, f"{path} {obj['kind']}: {errors[:3]}"
+        else:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        checked += 1
+    assert checked >= 6
+
+
+def test_pools_configmap_is_read_by_the_compiler(default_objects):
+    """The rendered pools.yaml parses with the compiler's parser and equals the built-in pools."""
+    cm = one(default_objects, "ConfigMap", "ps3-platform-pools")
+    pools = parse_pools(cm["data"]["pools.yaml"], "configmap ps3-platform-pools")
+    assert pools == load_pools(DEFAULT_POOLS_FILE), "chart defaults drifted from spec/default_pools.yaml"
+
+
+def test_custom_pools_replace_the_defaults(chart_engine):
+    pools = {"h100": None, "a100": None, "cpu": None,
+             "l40s": {"gpusPerNode": 4, "gpuResource": "nvidia.com/gpu", "nodeSelector": {"pool": "l40s"},
+                      "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                      "priorityClass": "team-a", "kueueQueue": "team-a", "schedulerQueue": "gang-a"}}
+    objs = chart_engine.objects(chart_engine.render({"pools": pools}))
+    parsed = parse_pools(one(objs, "ConfigMap", "ps3-platform-pools")["data"]["pools.yaml"], "cm")
+    assert list(parsed.pools) == ["l40s"]
+    assert parsed.pools["l40s"].model_dump(by_alias=True) == pools["l40s"]
+    pc = one(objs, "PriorityClass", "team-a")  # named by a pool, not listed: the defaults apply
+    assert (pc["value"], pc["preemptionPolicy"]) == (1000, "PreemptLowerPriority")
+
+
+def test_platformctl_role_grants_exactly_what_the_cli_needs(default_objects, full_objects):
+    assert one(default_objects, "Role", "ps3-platform-platformctl")["rules"] == PLATFORMCTL_RULES
+    assert one(full_objects, "Role", "ps3-platform-platformctl")["rules"] == [*PLATFORMCTL_RULES, ARGO_RULE]
+    binding = one(full_objects, "RoleBinding", "ps3-platform-platformctl")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": "ps3-platform-platformctl"}
+    assert {"kind": "ServiceAccount", "name": "ci", "namespace": "ps3"} in binding["subjects"]
+
+
+def test_no_wildcards_and_no_cluster_admin_anywhere(full_objects):
+    for _, obj in full_objects:
+        for rule in obj.get("rules", []) if obj["kind"] in ("Role", "ClusterRole") else []:
+            for key in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule.get(key, []), f"{obj['kind']} {obj['metadata']['name']}: wildcard {key}"
+        if obj["kind"] in ("RoleBinding", "ClusterRoleBinding"):
+            assert obj["roleRef"]["name"] not in ("cluster-admin", "admin", "edit")
+
+
+def test_argo_toggle_adds_the_workflow_runner(full_objects, default_objects):
+    sa = one(full_objects, "ServiceAccount", "ps3-platform-workflow")
+    role = one(full_objects, "Role", "ps3-platform-workflow")
+    assert {"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"], "verbs": ["create", "patch"]} \
+        in role["rules"]
+    binding = one(full_objects, "RoleBinding", "ps3-platform-workflow")
+    assert binding["subjects"][0]["name"] == sa["metadata"]["name"]
+    assert not [o for o in by_kind(default_objects, "ServiceAccount") if o["metadata"]["name"].endswith("workflow")]
+
+
+def test_training_operator_install_ships_the_upstream_crd_and_a_pytorch_only_controller(full_objects):
+    crd = one(full_objects, "CustomResourceDefinition", "pytorchjobs.kubeflow.org")
+    upstream = yaml.safe_load((CHART / "files" / "crds" / "kubeflow.org_pytorchjobs.yaml").read_text())
+    assert crd["spec"] == upstream["spec"]
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    deploy = one(full_objects, "Deployment", "ps3-platform-training-operator")
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--enable-scheme=pytorchjob" in args and "--gang-scheduler-name=volcano" in args
+    assert "--webhook-service-name=ps3-platform-training-operator" in args
+    hook = one(full_objects, "ValidatingWebhookConfiguration")
+    assert hook["metadata"]["name"] == "validator.training-operator.kubeflow.org"  # fixed in the operator binary
+    assert hook["webhooks"][0]["clientConfig"]["service"]["name"] == "ps3-platform-training-operator"
+    binding = one(full_objects, "ClusterRoleBinding", "ps3-platform-training-operator")
+    assert binding["roleRef"]["name"] == "ps3-platform-training-operator"
+
+
+def test_kueue_toggle_creates_flavors_queue_and_local_queues(full_objects):
+    flavors = {o["metadata"]["name"]: o for o in by_kind(full_objects, "ResourceFlavor")}
+    assert flavors["ps3-platform-h100"]["spec"]["nodeLabels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    queue = one(full_objects, "ClusterQueue", "ps3-platform")
+    group = queue["spec"]["resourceGroups"][0]
+    assert group["coveredResources"] == ["cpu", "memory", "nvidia.com/gpu"]
+    assert {f["name"] for f in group["flavors"]} == set(flavors)
+    assert queue["spec"]["cohortName"] == "research"
+    local = {o["metadata"]["name"]: o["spec"]["clusterQueue"] for o in by_kind(full_objects, "LocalQueue")}
+    assert local == {"h100": "ps3-platform", "batch": "ps3-platform"}
+
+
+def test_kueue_quota_for_an_unknown_pool_fails_with_the_pool_list(chart_engine):
+    with pytest.raises(chart_engine.ChartRenderError, match=r"kueue.quotas.tpu: there is no pool \"tpu\""):
+        chart_engine.render({"kueue": {"enabled": True, "quotas": {"tpu": {"gpus": 8}}}})
+
+
+def test_network_policy_admits_only_training_peers_and_the_monitoring_namespace(default_objects):
+    policy = one(default_objects, "NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress"]
+    peers, scrape = policy["ingress"]
+    assert peers == {"from": [{"podSelector": {"matchLabels": policy["podSelector"]["matchLabels"]}}]}
+    assert scrape["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert scrape["ports"] == [{"protocol": "TCP", "port": 9464, "endPort": 9471}]
+
+
+MULTI_RANK_JOB = """
+apiVersion: ps3.platform/v1
+kind: TrainingJob
+metadata: {name: probe}
+spec:
+  task: ps3_pretrain
+  resources: {pool: h100, nodes: 2, gpusPerNode: 8}
+  train: {globalBatch: 64}
+"""
+
+
+def test_compiled_training_pods_are_scraped_and_admitted(default_objects):
+    """Chart ConfigMap -> compiler -> pod template: PodMonitor, NetworkPolicy, SA and priority all line up."""
+    pools = parse_pools(one(default_objects, "ConfigMap", "ps3-platform-pools")["data"]["pools.yaml"], "cm")
+    job = next(o for o in compile_job(load_text(MULTI_RANK_JOB).job, pools) if o["kind"] == "PyTorchJob")
+    template = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
+    labels, pod = template["metadata"]["labels"], template["spec"]
+    monitor = one(default_objects, "PodMonitor")["spec"]
+    assert monitor["selector"]["matchLabels"].items() <= labels.items()
+    assert one(default_objects, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    keep = monitor["podMetricsEndpoints"][0]["relabelings"][0]
+    scrape = one(default_objects, "NetworkPolicy")["spec"]["ingress"][1]["ports"][0]
+    ports = pod["containers"][0]["ports"]
+    metrics = [p for p in ports if re.fullmatch(keep["regex"], p["name"])]
+    assert len(metrics) == 8 and all(scrape["port"] <= p["containerPort"] <= scrape["endPort"] for p in metrics)
+    assert not re.fullmatch(keep["regex"], "pytorchjob-port")
+    assert pod["serviceAccountName"] == one(default_objects, "ServiceAccount", "ps3-platform-job")["metadata"]["name"]
+    assert pod["priorityClassName"] in {o["metadata"]["name"] for o in by_kind(default_objects, "PriorityClass")}
+
+
+def test_dashboards_ship_as_labelled_configmaps_equal_to_ops(default_objects):
+    maps = [o for o in by_kind(default_objects, "ConfigMap") if "dashboards" in o["metadata"]["labels"].values()]
+    sources = sorted((REPO / "ops" / "dashboards").glob("*.json"))
+    assert len(maps) == len(sources) == 3
+    for cm in maps:
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        (name, text), = cm["data"].items()
+        assert json.loads(text) == json.loads((REPO / "ops" / "dashboards" / name).read_text())
+
+
+def test_prometheusrule_is_the_ops_rules_plus_one_rule_per_pool(default_objects, chart_engine):
+    groups = one(default_objects, "PrometheusRule")["spec"]["groups"]
+    ops = yaml.safe_load((REPO / "ops" / "prometheus" / "ps3-platform.rules.yaml").read_text())["groups"]
+    assert groups[:-1] == ops
+    pools = groups[-1]
+    assert pools["name"] == "ps3-platform.pools"
+    assert {r["labels"]["pool"]: r["expr"] for r in pools["rules"]} == {
+        "a100": 'max by (node) (kube_node_labels{label_nvidia_com_gpu_product="NVIDIA-A100-SXM4-80GB"})',
+        "h100": 'max by (node) (kube_node_labels{label_nvidia_com_gpu_product="NVIDIA-H100-80GB-HBM3"})',
+    }
+    moved = chart_engine.objects(chart_engine.render({"prometheusRule": {"runbookBaseUrl": "https://wiki.example/rb/"}}))
+    urls = [r["annotations"]["runbook_url"] for g in one(moved, "PrometheusRule")["spec"]["groups"]
+            for r in g["rules"] if "alert" in r]
+    assert urls and all(u.startswith("https://wiki.example/rb/PS3") for u in urls)
+
+
+def test_helm_test_hook_checks_the_install(full_objects):
+    hooks = [o for _, o in full_objects if (o["metadata"].get("annotations") or {}).get("helm.sh/hook") == "test"]
+    pod = next(o for o in hooks if o["kind"] == "Pod")
+    container = pod["spec"]["containers"][0]
+    secret_refs = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e
+                   and "secretKeyRef" in e["valueFrom"]}
+    assert secret_refs == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}  # pod cannot start without the Secret
+    binding = next(o for o in hooks if o["kind"] == "RoleBinding")
+    assert binding["roleRef"]["name"] == "ps3-platform-platformctl"
+    assert binding["subjects"][0]["name"] == pod["spec"]["serviceAccountName"]
+    script = next(o for o in hooks if o["kind"] == "ConfigMap")["data"]["check_install.py"]
+    assert script == (CHART / "files" / "helm-test" / "check_install.py").read_text().rstrip("\n")
+    py_compile.compile(str(CHART / "files" / "helm-test" / "check_install.py"), doraise=True,
+                       cfile=str(Path(tempfile.mkdtemp()) / "check_install.pyc"))
+
+
+def test_notes_say_what_was_installed_and_warn_about_kueue(default_render, full_render):
+    default_notes = next(v for k, v in default_render.items() if k.endswith("NOTES.txt")) \
+        if any(k.endswith("NOTES.txt") for k in default_render) else pytest.skip("engine does not render NOTES")
+    full_notes = next(v for k, v in full_render.items() if k.endswith("NOTES.txt"))
+    assert "platformctl submit" in default_notes and "not installed (the cluster must already run it)" in default_notes
+    assert "kubeflow.org/pytorchjob integration DISABLED" not in default_notes
+    assert "installed by this chart" in full_notes and "kubeflow.org/pytorchjob integration DISABLED" in full_notes
+    assert "ps3.platform/job,ps3.platform/stage" in default_notes
