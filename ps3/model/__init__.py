@@ -21,6 +21,16 @@ Pre-training batch (the contract with ``ps3.data``), B samples, per high-res sca
 [B,3,S_s,S_s]) or ``hr_index`` (list of long [B,K_s]) + ``hr_patches`` (list of
 [B,K_s,3,p,p]); ``gt_maps`` (list of [B,G_s,G_s] in {0,1}); ``tokens`` [B,L] long;
 ``is_global`` [B] bool. Extra keys (``sample_id``, ``source``) are ignored.
+
+``PretrainOutput``: ``image_features`` / ``text_features`` [B,E] L2-normalised,
+``logit_scale`` (= exp of the parameter) / ``logit_bias`` [1], ``topdown_probs`` and
+``bottomup_probs`` (lists of [B,G_s,G_s] with gradient, for ``ps3.losses.box_supervision_loss``)
+and ``hr_index`` (the encoded cells). Feed the first four to ``ps3.losses.sigmoid_loss``.
+
+Numerics follow the released NVlabs/PS3 code (checked to 1e-5 by the opt-in
+``tests/ps3/model/test_reference_parity.py``). Deliberate differences: images are
+squash-resized to every scale (no aspect-preserving path), the teacher-forced override uses
+each scale's own ground-truth map, and inference pools all selected tokens into ``pooled``.
 """
 
 from ps3.model.errors import CheckpointError, PS3InputError

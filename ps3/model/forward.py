@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ps3.model.selection import apply_gt_override, look_budgets, select_topk
+from ps3.model.selection import apply_gt_override, index_to_map, look_budgets, select_topk
 from ps3.model.trunk import gather_patches
 from ps3.model.errors import PS3InputError
 from ps3.model.vision import LowRes, PS3VisionEncoder, resize_square
@@ -53,7 +53,8 @@ def _highres_patches(enc: PS3VisionEncoder, probs: list[torch.Tensor], gt_maps: 
         _check_list("hr_patches", hr_patches, [(t.shape[1], 3, p.patch_size, p.patch_size) for t in hr_index])
         for s, idx in enumerate(hr_index):
             cells = p.grids[s + 1] ** 2
-            if idx.dtype != torch.long or (idx.numel() and (idx.min() < 0 or idx.max() >= cells)):
+            readable = idx.numel() and idx.device.type != "meta"
+            if idx.dtype != torch.long or (readable and (idx.min() < 0 or idx.max() >= cells)):
                 raise PS3InputError(f"hr_index[{s}] must be long cell indices in [0, {cells}) for scale {p.scales[s + 1]}")
         return list(hr_patches), list(hr_index)
     _check_list("highres", highres, [(3, s, s) for s in p.scales[1:]])
@@ -126,8 +127,9 @@ def count_looks(enc: PS3VisionEncoder, num_look_close: int | str | None, num_tok
     return [None] * min(num_look_close, most)
 
 
-def _order_tokens(parts_idx: list[torch.Tensor], parts_tok: list[torch.Tensor], grid: int):
-    """Merge one scale's looks: tokens in raster order and a dense [B, D, G, G] feature map."""
+def _merge_looks(parts_idx: list[torch.Tensor], parts_tok: list[torch.Tensor], grid: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One scale's looks -> (tokens in raster order [B, K, D], feature map [B, D, G, G], selection map [B, G, G])."""
     idx = torch.cat(parts_idx, dim=1)  # [B, K]
     tok = torch.cat(parts_tok, dim=1)  # [B, K, D]
     order = idx.argsort(dim=1)
@@ -135,7 +137,7 @@ def _order_tokens(parts_idx: list[torch.Tensor], parts_tok: list[torch.Tensor], 
     tok = tok.gather(1, order[..., None].expand_as(tok))
     b, _, d = tok.shape
     canvas = tok.new_zeros(b, grid * grid, d).scatter(1, idx[..., None].expand_as(tok), tok)
-    return tok, canvas.transpose(1, 2).reshape(b, d, grid, grid)
+    return tok, canvas.transpose(1, 2).reshape(b, d, grid, grid), index_to_map(idx, grid * grid).reshape(b, grid, grid)
 
 
 def _prepare_views(enc: PS3VisionEncoder, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -189,13 +191,7 @@ def encode_image_multilook(enc: PS3VisionEncoder, pixel_values: torch.Tensor, *,
     if not looks:
         return PS3ImageOutput(low.pooled, low.pooled, low.tokens, [], probs, [])
     idx_parts, tok_parts = _run_looks(enc, low, probs, highres, looks)
-    toks, maps, sel = [], [], []
-    for s, g in enumerate(p.grids[1:]):
-        tok, fmap = _order_tokens(idx_parts[s], tok_parts[s], g)
-        toks.append(tok)
-        maps.append(fmap)
-        sel.append(torch.cat(idx_parts[s], 1).new_zeros(tok.shape[0], g * g, dtype=torch.bool)
-                   .scatter_(1, torch.cat(idx_parts[s], 1), True).reshape(-1, g, g))
+    toks, maps, sel = zip(*(_merge_looks(i, t, g) for i, t, g in zip(idx_parts, tok_parts, p.grids[1:])))
     hr = torch.cat(toks, dim=1)
     pooled = enc.trunk.pool(hr) if hr.shape[1] else low.pooled
-    return PS3ImageOutput(low.pooled, pooled, torch.cat([low.tokens, hr], dim=1), sel, probs, maps)
+    return PS3ImageOutput(low.pooled, pooled, torch.cat([low.tokens, hr], dim=1), list(sel), probs, list(maps))

@@ -99,7 +99,10 @@ class TextTransformer(nn.Module):
         p = self.preset
         if tokens.dim() != 2 or tokens.shape[1] != p.text_context_length:
             raise PS3InputError(f"tokens must be [B, {p.text_context_length}] for preset {p.name}, got {list(tokens.shape)}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= p.text_vocab_size):
+        if tokens.device.type == "meta" or not tokens.numel():  # nothing to read (FLOP counting)
+            return
+        # One host sync per step; an out-of-range id would otherwise be a device-side assert.
+        if (int(tokens.min()) < 0 or int(tokens.max()) >= p.text_vocab_size):
             raise PS3InputError(f"token ids must lie in [0, {p.text_vocab_size}) (text_vocab_size of preset {p.name}), "
                                 f"got max {int(tokens.max())}")
 
