@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
@@ -94,7 +93,7 @@ def count_flops(res: int, batch: int = 1) -> tuple[float, float]:
 
 
 def _time(fn, device: str, repeats: int) -> tuple[float, float | None]:
-    """Median seconds of fn() and peak CUDA memory in GiB (None on CPU)."""
+    """Best-of-N seconds of fn() (robust to other jobs on shared cores) and peak CUDA GiB (None on CPU)."""
     fn()  # warm-up
     times = []
     if device == "cuda":
@@ -107,7 +106,7 @@ def _time(fn, device: str, repeats: int) -> tuple[float, float | None]:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    return statistics.median(times), peak
+    return min(times), peak
 
 
 def measure(res: int, device: str, batch: int, quick: bool) -> dict:
@@ -155,7 +154,7 @@ def main() -> None:
         print(f"{res:>8} {ps3 / 1e12:>10.3f} {whole / 1e12:>18.3f} {whole / ps3:>12.1f}")
 
     timing = {res: measure(res, args.device, args.batch, args.quick) for res in RESOLUTIONS}
-    print(f"\nStep time per batch of {args.batch} on {args.device} ({timing[756]['model']}); '-' = not run (too large here)")
+    print(f"\nBest step time per batch of {args.batch} on {args.device} ({timing[756]['model']}); '-' = not run (too large here)")
     print(f"{'max res':>8} {'PS3 s':>8} {'whole s':>9} {'PS3 GiB':>8} {'whole GiB':>10}")
     for res, r in timing.items():
         print(f"{res:>8} {_fmt(r['ps3_s'], 8, 3)} {_fmt(r['whole_s'], 9, 3)} "
