@@ -49,7 +49,7 @@ def slots(n: int) -> list[Slot]:
 
 
 def run_pipeline(uri: str, n: int) -> float:
-    maker = MicroBatchMaker([SourceRef("scene", uri, 0)], ViewConfig(**PS3_4K, highres="patches"))
+    maker = MicroBatchMaker([SourceRef.open("scene", uri, 0)], ViewConfig(**PS3_4K, highres="patches"))
     todo = slots(n)
     maker.load(todo[0], set())  # warm-up (opens the index, first reads)
     started = time.perf_counter()

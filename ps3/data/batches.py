@@ -33,11 +33,27 @@ MAX_LOGGED_KEYS = 100_000
 
 @dataclass(frozen=True)
 class SourceRef:
-    """What a worker needs to (re)open a source: name, URI and its position in the spec."""
+    """A source as the main process opened it: workers use exactly this shard list.
+
+    Re-listing in each worker could see another set of shards (one deleted meanwhile) and
+    map sample numbers to other images than the planner meant.
+    """
 
     name: str
     uri: str
-    position: int
+    position: int  # in the spec's source list: the batch's `source` value
+    shards: tuple[str, ...]
+    counts: tuple[int, ...]
+    global_captions: int
+
+    @classmethod
+    def open(cls, name: str, uri: str, position: int) -> SourceRef:
+        """Open the source's index (fails naming the URI if it is unusable)."""
+        index = SourceIndex.open(uri)
+        return cls(name, uri, position, tuple(index.shards), tuple(index.counts), index.global_captions)
+
+    def index(self) -> SourceIndex:
+        return SourceIndex(self.uri, list(self.shards), list(self.counts), self.global_captions)
 
     @property
     def id_base(self) -> int:
@@ -66,7 +82,7 @@ class MicroBatchMaker:
 
     def _index(self, src: int) -> SourceIndex:
         if src not in self._indexes:
-            self._indexes[src] = SourceIndex.open(self.sources[src].uri)
+            self._indexes[src] = self.sources[src].index()
         return self._indexes[src]
 
     def make(self, slots: list[Slot], used: set[tuple[int, int]]) -> tuple[dict, list[str]]:

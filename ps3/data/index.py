@@ -107,17 +107,24 @@ class SourceIndex:
 
     @classmethod
     def open(cls, uri: str) -> SourceIndex:
-        """Read index.json and check that at least one listed shard exists."""
+        """Read index.json and keep the listed shards that exist with their indexed size.
+
+        One listing call checks them all: a missing, emptied or truncated shard is left
+        out (with a warning); if none is left, DataSourceError names the URI.
+        """
         index = read_index(uri)
-        listed = [(s["name"], int(s["samples"])) for s in index["shards"] if int(s["samples"]) > 0]
+        listed = [s for s in index["shards"] if int(s["samples"]) > 0]
         fs, path = filesystem(uri)
-        present = {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
-        live = [(n, c) for n, c in listed if n in present]
+        sizes = {e["name"].rsplit("/", 1)[-1]: e.get("size") for e in fs.ls(path, detail=True)}
+        live = [s for s in listed if s["name"] in sizes and sizes[s["name"]] == s.get("bytes", sizes[s["name"]])]
         if not live:
-            raise DataSourceError(f"source {uri} has no readable shard (index lists {len(listed)} non-empty)")
+            raise DataSourceError(f"source {uri} has no readable shard: the {len(listed)} non-empty shards in its "
+                                  f"index are missing or changed size; run `platformctl data check {uri}`")
         if len(live) < len(listed):
-            log.warning("source %s: %d of %d shards missing; using the rest", uri, len(listed) - len(live), len(listed))
-        return cls(uri, [n for n, _ in live], [c for _, c in live], int(index.get("global_captions", 0)))
+            log.warning("source %s: %d of %d shards missing or truncated; using the rest",
+                        uri, len(listed) - len(live), len(listed))
+        return cls(uri, [s["name"] for s in live], [int(s["samples"]) for s in live],
+                   int(index.get("global_captions", 0)))
 
     def __len__(self) -> int:
         return self._starts[-1]

@@ -20,7 +20,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batches import MicroBatchMaker, SourceRef
-from .index import SourceIndex
 from .sampling import BatchPlanner, SamplingError, SourceInfo
 from .views import ViewConfig
 
@@ -74,13 +73,12 @@ class PS3Loader:
         self.views, self.tokenize, self.config = views, tokenize, config
         self.rank, self.world_size = rank, world_size
         self.accumulation = _accumulation(config.global_batch, world_size, config.micro_batch)
-        indexes = [SourceIndex.open(s.uri) for s in self.sources]  # fails at start on a dead source
-        self._infos = [SourceInfo(s.name, len(ix), s.weight, ix.global_captions > 0)
-                       for s, ix in zip(self.sources, indexes)]
+        self._refs = [SourceRef.open(s.name, s.uri, i) for i, s in enumerate(self.sources)]  # fails on a dead source
+        self._infos = [SourceInfo(s.name, sum(r.counts), s.weight, r.global_captions > 0)
+                       for s, r in zip(self.sources, self._refs)]
         if sum(i.size for i in self._infos) < config.global_batch:
             raise SamplingError(f"global batch {config.global_batch} is larger than the {sum(i.size for i in self._infos)} "
                                 f"images in {[s.uri for s in self.sources]}: one image may appear once per batch")
-        self._refs = [SourceRef(s.name, s.uri, i) for i, s in enumerate(self.sources)]
         self._planner = self._new_planner()
         self._pos = _Position(planner=self._planner.state_dict())
         self._bad: Counter = Counter()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Container
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -48,6 +48,8 @@ class Slot:
     index: int  # sample number within the source
     is_global: bool
     seed: int  # seeds the box choice and any bad-sample replacement of this slot
+    position: int = 0  # place in the global batch
+    batch_size: int = 1  # size of the global batch (stride of this slot's stand-ins)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -97,9 +99,9 @@ class BatchPlanner:
             src, idx = self._draw(rng, kind, next(first[kind]), used)
             used.add((src, idx))
             slots.append(Slot(src, idx, kind == GLOBAL, seed))
-        order = rng.permutation(len(slots))  # spread global pairs over ranks and micro-batches
+        order = rng.permutation(len(slots)).tolist()  # spread global pairs over ranks and micro-batches
         self.step += 1
-        return [slots[i] for i in order]
+        return [replace(slots[i], position=p, batch_size=len(slots)) for p, i in enumerate(order)]
 
     def _choose(self, rng: np.random.Generator, pool: list[int], n: int) -> list[int]:
         """n sources drawn from `pool` with probability proportional to weight (vectorised)."""
@@ -180,12 +182,22 @@ class FeistelPermutation:
 def replacement(slot: Slot, attempt: int, size: int, used: Container[tuple[int, int]]) -> int:
     """A deterministic stand-in from the same source for a slot whose image was bad.
 
-    Drawn uniformly (not from the stream, so the stream position stays global) and
-    avoiding the batch's planned images; two slots picking the same stand-in is possible
-    but needs two bad samples and a collision, about 1/size.
+    Drawn at random (not from the stream, so stream positions stay global) among the
+    images whose number is congruent to the slot's position modulo the batch size: two
+    slots of a batch can never pick the same stand-in, without any coordination between
+    ranks. Planned images and `used` are avoided. Only when the source is too small for
+    that (size <= position) does it probe all images, where two bad slots may collide.
     """
-    start = int(np.random.default_rng([slot.seed, attempt]).integers(size))
-    for k in range(size):  # probe forward from a random start: terminates, stays uniform-ish
+    rng = np.random.default_rng([slot.seed, attempt])
+    stride, first = slot.batch_size, slot.position
+    count = (size - first + stride - 1) // stride if size > first else 0
+    start = int(rng.integers(count)) if count else 0
+    for k in range(count):
+        idx = first + stride * ((start + k) % count)
+        if (slot.source, idx) not in used:
+            return idx
+    start = int(rng.integers(size))
+    for k in range(size):  # small source: probe forward from a random start
         idx = (start + k) % size
         if (slot.source, idx) not in used:
             return idx

@@ -79,3 +79,11 @@ def test_feistel_is_a_seeded_permutation(size):
     assert sorted(a(i) for i in range(size)) == list(range(size))
     if size > 8:
         assert [a(i) for i in range(size)] != [b(i) for i in range(size)] != list(range(size))
+
+
+def test_stand_ins_of_different_slots_never_collide():
+    planner = BatchPlanner([SourceInfo("big", 100_000)], 64, seed=0, global_fraction=0.0)
+    slots = planner.next_batch()
+    used = {s.key for s in slots}
+    picks = [replacement(s, a, 100_000, used) for s in slots for a in range(3)]
+    assert len(set(picks)) == len(picks) and not ({(0, p) for p in picks} & used)

@@ -68,3 +68,15 @@ def test_all_shards_missing_fails_naming_uri(tmp_path):
         fs.rm(p)
     with pytest.raises(DataSourceError, match=f"{tmp_path}/src.*no readable shard"):
         SourceIndex.open(uri)
+
+
+def test_truncated_shards_left_out_at_start_and_all_truncated_fails(tmp_path):
+    uri = f"file://{tmp_path}/src"
+    write_source(uri, 8, per_shard=4)
+    fs, path = filesystem(uri)
+    first = fs.cat_file(f"{path}/shard-000000.tar")
+    fs.pipe_file(f"{path}/shard-000000.tar", first[:1000])
+    assert SourceIndex.open(uri).shards == ["shard-000001.tar"]
+    fs.pipe_file(f"{path}/shard-000001.tar", b"")
+    with pytest.raises(DataSourceError, match=f"{tmp_path}/src has no readable shard"):
+        SourceIndex.open(uri)
