@@ -142,9 +142,23 @@ def ksm_text(targets: list[TrainingTarget]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class Exporters:
+    """Where the cluster-side fixture series are served, and the names they use."""
+
+    address: str  # host:port
+    namespace: str = NAMESPACE
+    nodes: tuple[str, ...] = NODES
+
+    def dcgm_path(self, node: str) -> str:
+        return f"/dcgm/{node}/metrics"
+
+    ksm_path = "/ksm/metrics"
+
+
 @pytest.fixture(scope="session")
 def cluster_exporters(training_metrics_targets):
-    """Serves /dcgm/<node>/metrics and /ksm/metrics on loopback; yields host:port."""
+    """Serves /dcgm/<node>/metrics and /ksm/metrics on loopback; yields an Exporters."""
     pages = {f"/dcgm/{node}/metrics": dcgm_text(node, training_metrics_targets) for node in NODES}
     pages["/ksm/metrics"] = ksm_text(training_metrics_targets)
 
@@ -162,7 +176,7 @@ def cluster_exporters(training_metrics_targets):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"127.0.0.1:{server.server_address[1]}"
+    yield Exporters(f"127.0.0.1:{server.server_address[1]}")
     server.shutdown()
 
 
