@@ -7,7 +7,8 @@ Public API (what ``ps3.tasks`` should call)::
         .forward_pretrain(batch) -> PretrainOutput    # also model(batch)
         .encode_text(tokens, normalize=True) -> [B, E]
         .text_prompt(tokens) -> [B, D]                # top-down selection prompt
-        .encode_image(pixel_values, prompt=None, num_look_close=1, num_token_look_close=None) -> PS3ImageOutput
+        .encode_image(pixel_values, prompt=None, num_look_close=1, num_token_look_close=None,
+                      scale_budgets=None) -> PS3ImageOutput
         .set_grad_checkpointing(True); .blocks()      # units for FSDP2 fully_shard
     clamp_logit_scale_(model)                         # after each optimizer step
     build_tokenizer(path_or_uri, context_length=..., clean="canonicalize") -> Tokenizer

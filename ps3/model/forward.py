@@ -111,14 +111,16 @@ class PS3ImageOutput:
     feature_maps: list[torch.Tensor] = field(default_factory=list)  # per scale [B, D, G, G]; zeros where unselected
 
 
-def count_looks(enc: PS3VisionEncoder, num_look_close: int | str | None, num_token_look_close: int | None) -> list[int | None]:
-    """Token count of each look (None = a full look of ``max_select_num``)."""
+def count_looks(enc: PS3VisionEncoder, num_look_close: int | str | None, num_token_look_close: int | None,
+                per_look: int | None = None) -> list[int | None]:
+    """Token count of each look (None = a full look of ``per_look``, default ``max_select_num``)."""
     p = enc.preset
-    most = math.ceil(p.max_highres_tokens / p.max_select_num)
+    per_look = per_look or p.max_select_num
+    most = math.ceil(p.max_highres_tokens / per_look)
     if num_token_look_close is not None:
         n = min(int(num_token_look_close), p.max_highres_tokens)
-        looks = math.ceil(n / p.max_select_num)
-        last = n % p.max_select_num
+        looks = math.ceil(n / per_look)
+        last = n % per_look
         return [None] * (looks - 1) + [last or None] if looks else []
     if num_look_close == "all":
         return [None] * most
@@ -152,8 +154,20 @@ def _prepare_views(enc: PS3VisionEncoder, pixel_values: torch.Tensor) -> tuple[t
     return views[0], resize_square(pixel_values, p.selection_view_size), views[1:]
 
 
+def _check_budgets(enc: PS3VisionEncoder, budgets: tuple[int, ...] | None) -> tuple[int, ...]:
+    """Per-look budgets per high-res scale: the preset's, or a caller's (e.g. none at 4K)."""
+    p = enc.preset
+    if budgets is None:
+        return p.budgets
+    budgets = tuple(int(b) for b in budgets)
+    if len(budgets) != p.num_highres_scales or min(budgets) < 0 or sum(budgets) == 0:
+        raise PS3InputError(f"scale_budgets must be {p.num_highres_scales} non-negative ints with a positive sum "
+                            f"(one per high-res scale {list(p.scales[1:])}), got {list(budgets)}")
+    return budgets
+
+
 def _run_looks(enc: PS3VisionEncoder, low: LowRes, probs: list[torch.Tensor], highres: list[torch.Tensor],
-               looks: list[int | None]) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+               looks: list[int | None], budgets: tuple[int, ...]) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
     """Each look takes new cells (never re-encoding earlier ones) against the same low-res K/V."""
     p = enc.preset
     b = low.pooled.shape[0]
@@ -163,7 +177,7 @@ def _run_looks(enc: PS3VisionEncoder, low: LowRes, probs: list[torch.Tensor], hi
     tok_parts: list[list[torch.Tensor]] = [[] for _ in cells]
     used = [0] * len(cells)  # batch-uniform: every sample takes the same counts per look
     for n_tokens in looks:
-        counts = look_budgets(p.budgets, [n - u for n, u in zip(cells, used)], n_tokens)
+        counts = look_budgets(budgets, [n - u for n, u in zip(cells, used)], n_tokens)
         used = [u + c for u, c in zip(used, counts)]
         index = select_topk(probs, counts, taken)
         patches = [gather_patches(img, idx, p.patch_size) for img, idx in zip(highres, index)]
@@ -177,20 +191,25 @@ def _run_looks(enc: PS3VisionEncoder, low: LowRes, probs: list[torch.Tensor], hi
 
 @torch.no_grad()
 def encode_image_multilook(enc: PS3VisionEncoder, pixel_values: torch.Tensor, *, prompt: torch.Tensor | None = None,
-                           num_look_close: int | str = 1, num_token_look_close: int | None = None) -> PS3ImageOutput:
+                           num_look_close: int | str = 1, num_token_look_close: int | None = None,
+                           scale_budgets: tuple[int, ...] | None = None) -> PS3ImageOutput:
     """Inference: encode low-res, select top-down (prompt) or bottom-up, then one or more looks.
 
     ``num_look_close``: int (clamped to the looks needed to cover everything), ``'all'``,
     or 0 for the low-res result only; ``num_token_look_close`` instead gives a token count.
+    ``scale_budgets`` replaces the per-look tokens per scale (e.g. ``(2048, 8192, 0)``: no
+    4K patches, as VILA-HD does for smaller images); a scale that runs out of free cells
+    passes its surplus to the next one.
     """
     p = enc.preset
+    budgets = _check_budgets(enc, scale_budgets)
     lowres, view, highres = _prepare_views(enc, pixel_values)
     low = enc.encode_lowres(lowres)
     probs = enc.selection_probs(enc.selection_features(low, view), prompt)
-    looks = count_looks(enc, num_look_close, num_token_look_close)
+    looks = count_looks(enc, num_look_close, num_token_look_close, sum(budgets))
     if not looks:
         return PS3ImageOutput(low.pooled, low.pooled, low.tokens, [], probs, [])
-    idx_parts, tok_parts = _run_looks(enc, low, probs, highres, looks)
+    idx_parts, tok_parts = _run_looks(enc, low, probs, highres, looks, budgets)
     toks, maps, sel = zip(*(_merge_looks(i, t, g) for i, t, g in zip(idx_parts, tok_parts, p.grids[1:])))
     hr = torch.cat(toks, dim=1)
     pooled = enc.trunk.pool(hr) if hr.shape[1] else low.pooled

@@ -79,10 +79,12 @@ class PS3Model(nn.Module):
         return self.text_model.prompt(self.text_model(tokens))
 
     def encode_image(self, pixel_values: torch.Tensor, *, prompt: torch.Tensor | None = None,
-                     num_look_close: int | str = 1, num_token_look_close: int | None = None) -> PS3ImageOutput:
-        """Inference on a normalised image [B, 3, H, W] (squash-resized to every scale)."""
-        return encode_image_multilook(self.vision_model, pixel_values, prompt=prompt,
-                                      num_look_close=num_look_close, num_token_look_close=num_token_look_close)
+                     num_look_close: int | str = 1, num_token_look_close: int | None = None,
+                     scale_budgets: tuple[int, ...] | None = None) -> PS3ImageOutput:
+        """Inference on a normalised image [B, 3, H, W] (squash-resized to every scale); see
+        ``ps3.model.forward.encode_image_multilook`` for the look and budget options."""
+        return encode_image_multilook(self.vision_model, pixel_values, prompt=prompt, num_look_close=num_look_close,
+                                      num_token_look_close=num_token_look_close, scale_budgets=scale_budgets)
 
     def forward_pretrain(self, batch: Mapping[str, Any]) -> PretrainOutput:
         """One pre-training forward on a contract batch (see ``ps3.model`` docs for the keys).

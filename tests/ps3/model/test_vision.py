@@ -243,3 +243,31 @@ def test_4scale_tiny_preset_runs(tiny_preset):
     torch.manual_seed(0)
     out = PS3Model(p)(make_batch(p, 2, form="gathered"))
     assert [t.shape[1] for t in out.hr_index] == list(p.budgets)
+
+
+def test_custom_scale_budgets_per_look(tiny_model):
+    img = torch.randn(1, 3, 256, 256)
+    out = tiny_model.encode_image(img, scale_budgets=(40, 0))
+    assert [int(m.sum()) for m in out.selection_maps] == [40, 0]
+    two = tiny_model.encode_image(img, num_look_close=2, scale_budgets=(200, 0))  # 256 cells: the rest spills over
+    assert [int(m.sum()) for m in two.selection_maps] == [256, 144]
+    with pytest.raises(PS3InputError, match="scale_budgets must be 2 non-negative ints"):
+        tiny_model.encode_image(img, scale_budgets=(1, 2, 3))
+
+
+def test_real_4k_preset_shapes_on_meta_device():
+    """The released geometry (shapes of ps3_reference §1.8) without allocating anything."""
+    p = get_preset("ps3-4k-siglip")
+    with torch.device("meta"):
+        model = PS3Model(p)
+    b = 2
+    batch = dict(lowres=torch.empty(b, 3, 378, 378, device="meta"), selection_view=torch.empty(b, 3, 1512, 1512, device="meta"),
+                 highres=[torch.empty(b, 3, s, s, device="meta") for s in (756, 1512, 3780)],
+                 gt_maps=[torch.empty(b, g, g, device="meta") for g in (54, 108, 270)],
+                 tokens=torch.zeros(b, 64, dtype=torch.long, device="meta"), is_global=torch.zeros(b, dtype=torch.bool, device="meta"))
+    low = model.vision_model.encode_lowres(batch["lowres"])
+    assert len(low.kv) == 27 and low.kv[0][0].shape == (b, 16, 729, 72)
+    out = model(batch)
+    assert [t.shape[1] for t in out.hr_index] == [85, 341, 2134]
+    assert [tuple(t.shape) for t in out.topdown_probs] == [(b, 54, 54), (b, 108, 108), (b, 270, 270)]
+    assert out.image_features.shape == (b, 1152)
