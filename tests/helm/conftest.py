@@ -30,19 +30,8 @@ def _load_render_module():
 
 chart = _load_render_module()
 
-#: Every optional part switched on (what `helm install` with all toggles renders).
-ALL_ON = {
-    "storage": {"enabled": True, "secretName": "s3-creds", "endpoint": "http://minio.storage:9000"},
-    "rbac": {"subjects": [{"kind": "Group", "name": "ml-researchers"}, {"kind": "ServiceAccount", "name": "ci"}]},
-    "metrics": {"podMonitor": {"labels": {"release": "kps"}},
-                "dcgmExporter": {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}}}},
-    "prometheusRule": {"labels": {"release": "kps"}},
-    "trainingOperator": {"install": True, "gangSchedulerName": "volcano"},
-    "argo": {"enabled": True},
-    "kueue": {"enabled": True, "clusterQueue": {"cohortName": "research"},
-              "quotas": {"h100": {"gpus": 64, "cpu": "1024", "memory": "8Ti"}, "a100": {"gpus": 16}}},
-    "pools": {"h100": {"kueueQueue": "h100"}, "a100": {"kueueQueue": "batch"}},
-}
+#: Every optional part switched on: the chart-testing scenario file, so `ct` and these tests agree.
+ALL_ON = yaml.safe_load((CHART / "ci" / "all-toggles-values.yaml").read_text())
 
 
 @pytest.fixture(scope="session")
