@@ -40,14 +40,14 @@ def _render_binary(values: dict, name: str, namespace: str) -> dict[str, str]:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         json.dump(values, f)  # JSON is YAML
     try:
-        proc = subprocess.run([helm_binary(), "template", name, str(CHART), "--namespace", namespace,
-                               "--values", f.name], capture_output=True, text=True)
+        command = [helm_binary(), "template", name, str(CHART), "--namespace", namespace, "--values", f.name]
+        proc = subprocess.run(command, check=False, capture_output=True, text=True)
     finally:
         os.unlink(f.name)
     if proc.returncode != 0:
         raise ChartRenderError(proc.stderr.strip())
     out: dict[str, str] = {}
-    for chunk in re.split(r"^---\n(?=# Source: )", proc.stdout, flags=re.M):
+    for chunk in re.split(r"^---\n(?=# Source: )", proc.stdout, flags=re.MULTILINE):
         match = re.match(r"# Source: (\S+)\n", chunk)
         if match:
             out[match.group(1)] = out.get(match.group(1), "") + "---\n" + chunk[match.end():]
@@ -90,7 +90,8 @@ def objects(rendered: dict[str, str]) -> list[tuple[str, dict[str, Any]]]:
 def lint(values: dict | None = None) -> list[str]:
     """Lint errors and warnings (severity >= 2) as 'path: message' lines; [] when clean."""
     if engine() == "binary":
-        proc = subprocess.run([helm_binary(), "lint", str(CHART), "--strict"], capture_output=True, text=True)
+        command = [helm_binary(), "lint", str(CHART), "--strict"]
+        proc = subprocess.run(command, check=False, capture_output=True, text=True)
         return [] if proc.returncode == 0 else [proc.stdout + proc.stderr]
     from helm_python import lint as helm_lint
 

@@ -36,7 +36,8 @@ def git_blob_hash(data: bytes) -> str:
 
 def copies() -> dict[Path, Path]:
     """Chart copy -> source, for the rules and every committed dashboard."""
-    pairs = {CHART_FILES / "prometheus" / "ps3-platform.rules.yaml": REPO / "ops" / "prometheus" / "ps3-platform.rules.yaml"}
+    rules = "ps3-platform.rules.yaml"
+    pairs = {CHART_FILES / "prometheus" / rules: REPO / "ops" / "prometheus" / rules}
     for source in sorted((REPO / "ops" / "dashboards").glob("*.json")):
         pairs[CHART_FILES / "dashboards" / source.name] = source
     return pairs

@@ -85,7 +85,8 @@ def _rate_ratio(num: str, den: str) -> str:
 
 
 def _throughput_row() -> Row:
-    p90 = f"histogram_quantile(0.9, sum by (namespace, job, stage, le) (rate(ps3_step_seconds_bucket{{{TRAIN}}}[{RATE}])))"
+    buckets = f"rate(ps3_step_seconds_bucket{{{TRAIN}}}[{RATE}])"
+    p90 = f"histogram_quantile(0.9, sum by (namespace, job, stage, le) ({buckets}))"
     return Row("Throughput", (
         Panel("Samples per second", (_train(f"sum by {BY_STAGE} (rate(ps3_samples_total{{{TRAIN}}}[{RATE}]))"),),
               "short", description="Samples consumed per second, summed over ranks."),

@@ -11,7 +11,6 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-
 from ps3_platform.compile import compile_job
 from ps3_platform.spec import load_pools, load_text, parse_pools
 from ps3_platform.spec.pools import DEFAULT_POOLS_FILE

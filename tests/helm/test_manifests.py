@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True, cwd=REPO)
+    command = [sys.executable, str(REPO / script), *args]
+    return subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO)
 
 
 def _generator():
@@ -60,7 +61,8 @@ def test_base_has_the_default_render_without_helm_parts(chart_engine):
 @pytest.mark.skipif(not shutil.which("kubectl"), reason="kubectl (with built-in kustomize) not on PATH")
 @pytest.mark.parametrize("directory", ["base", "training-operator"])
 def test_kustomize_builds(directory):
-    proc = subprocess.run(["kubectl", "kustomize", str(REPO / "manifests" / directory)], capture_output=True, text=True)
+    command = ["kubectl", "kustomize", str(REPO / "manifests" / directory)]
+    proc = subprocess.run(command, check=False, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     kinds = {d["kind"] for d in yaml.safe_load_all(proc.stdout) if d}
     assert ("PrometheusRule" if directory == "base" else "CustomResourceDefinition") in kinds

@@ -19,7 +19,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from ps3_platform.ports import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -163,7 +162,7 @@ def cluster_exporters(training_metrics_targets):
     pages["/ksm/metrics"] = ksm_text(training_metrics_targets)
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server hook
+        def do_GET(self):
             body = pages.get(self.path, "").encode()
             self.send_response(200 if body else 404)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
@@ -183,7 +182,8 @@ def cluster_exporters(training_metrics_targets):
 def _chart_engine():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("ps3_manifests_render_ops", HERE.parents[1] / "manifests" / "render.py")
+    path = HERE.parents[1] / "manifests" / "render.py"
+    spec = importlib.util.spec_from_file_location("ps3_manifests_render_ops", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

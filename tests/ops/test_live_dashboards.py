@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from ps3_platform.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,7 +134,7 @@ def test_every_dashboard_query_returns_data(prometheus, training_metrics_targets
             time.sleep(1)
     assert not pending, "queries without data:\n" + "\n".join(f"{w}: {e}" for w, e in sorted(pending))
     # ...and the check does notice a query that matches nothing (a job that does not exist).
-    where, expr = next(q for q in dashboard_queries() if q[0].endswith("/ Loss / A"))
+    _, expr = next(q for q in dashboard_queries() if q[0].endswith("/ Loss / A"))
     assert not has_finite_value(prometheus, substitute(expr, {**choices[0], "job": "no-such-job"}))
 
 
@@ -150,5 +149,6 @@ def test_rules_evaluate_cleanly_and_a_healthy_run_fires_nothing(prometheus):
     assert not broken, broken
     firing = [a["labels"]["alertname"] for a in api(prometheus, "alerts")["alerts"] if a["state"] == "firing"]
     assert not firing, firing
-    pools = {r["metric"]["pool"]: r["metric"]["node"] for r in api(prometheus, "query", query="ps3:node_pool_info")["result"]}
+    result = api(prometheus, "query", query="ps3:node_pool_info")["result"]
+    pools = {r["metric"]["pool"]: r["metric"]["node"] for r in result}
     assert pools == {"h100": "gpu-node-a", "a100": "gpu-node-b"}

@@ -13,8 +13,7 @@ import sys
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
-
-from ps3_platform.spec import POOLS_CONFIGMAP, POOLS_KEY, parse_pools
+from ps3_platform.spec import POOLS_CONFIGMAP, POOLS_KEY, PoolConfigError, parse_pools
 
 #: (verb, API group, resource, subresource) platformctl submit/status/logs/cancel need.
 PLATFORMCTL_ACCESS = [
@@ -34,7 +33,7 @@ def check_pools(core: client.CoreV1Api, namespace: str) -> list[str]:
         pools = parse_pools(data.get(POOLS_KEY, ""), f"configmap {namespace}/{POOLS_CONFIGMAP}")
     except ApiException as exc:
         return [f"cannot read configmap {namespace}/{POOLS_CONFIGMAP}: {exc.status} {exc.reason}"]
-    except Exception as exc:  # the parser's typed error carries the reason
+    except PoolConfigError as exc:  # names the ConfigMap and what is wrong with it
         return [str(exc)]
     print(f"ok   pools: {', '.join(sorted(pools.pools))}")
     return []
