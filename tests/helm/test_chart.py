@@ -256,3 +256,15 @@ def test_notes_say_what_was_installed_and_warn_about_kueue(default_render, full_
     assert "kubeflow.org/pytorchjob integration DISABLED" not in default_notes
     assert "installed by this chart" in full_notes and "kubeflow.org/pytorchjob integration DISABLED" in full_notes
     assert "ps3.platform/job,ps3.platform/stage" in default_notes
+
+
+def test_other_release_name_and_namespace(chart_engine):
+    """Names derive from the release, except the contract names the compiler looks up."""
+    objs = chart_engine.objects(chart_engine.render({}, name="prod", namespace="vision"))
+    names = {(o["kind"], o["metadata"]["name"]) for _, o in objs}
+    assert ("ConfigMap", "ps3-platform-pools") in names and ("ServiceAccount", "ps3-platform-job") in names
+    assert ("Role", "prod-ps3-platform-platformctl") in names
+    namespaced = [o for _, o in objs if o["kind"] not in ("PriorityClass",)]
+    assert {o["metadata"]["namespace"] for o in namespaced} == {"vision"}
+    monitor = one(objs, "PodMonitor")
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["vision"]}
