@@ -72,8 +72,16 @@ def check_storage() -> list[str]:
     return []
 
 
+def load_config() -> None:
+    """The pod's ServiceAccount in the cluster; $KUBECONFIG's context when run elsewhere."""
+    if os.environ.get("KUBECONFIG"):
+        config.load_kube_config()
+    else:
+        config.load_incluster_config()
+
+
 def main() -> int:
-    config.load_incluster_config()
+    load_config()
     namespace = os.environ["POD_NAMESPACE"]
     failures = check_pools(client.CoreV1Api(), namespace)
     failures += check_pytorchjob_api(client.CustomObjectsApi(), namespace)
