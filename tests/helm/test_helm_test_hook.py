@@ -73,10 +73,10 @@ def serve(tmp_path):
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_GET(self):  # noqa: N802 - http.server hook
+            def do_GET(self):
                 self._reply("GET")
 
-            def do_POST(self):  # noqa: N802 - http.server hook
+            def do_POST(self):
                 self._reply("POST")
 
             def log_message(self, *args):
