@@ -110,7 +110,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_status(args) -> int:
-    backend = make_backend(choose_backend(args.backend, quiet=args.output == "json"), args)
+    backend = make_backend(choose_backend(args.backend, quiet=True), args)
     status = backend.status(args.name)
     if args.output == "json":
         print(json.dumps(status.to_dict(), indent=2, sort_keys=True))
@@ -122,7 +122,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_list(args) -> int:
-    backend = make_backend(choose_backend(args.backend, quiet=args.output == "json"), args)
+    backend = make_backend(choose_backend(args.backend, quiet=True), args)
     jobs = backend.list()
     if args.output == "json":
         print(json.dumps([j.to_dict() for j in jobs], indent=2, sort_keys=True))
@@ -142,7 +142,7 @@ def cmd_logs(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    backend = make_backend(choose_backend(args.backend), args)
+    backend = make_backend(choose_backend(args.backend, quiet=True), args)
     print(backend.cancel(args.name))
     return 0
 

@@ -78,6 +78,7 @@ def run_stage(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, log
     init_distributed(world)
     run_dir = run_dir_for(job.metadata.name, stage.name)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"rank-{world.rank}.pid").write_text(str(os.getpid()))  # which process is which rank
     metrics = Metrics(job.metadata.name, stage.name, world.rank)
     _serve_metrics(metrics, stage, world, log)
     start_gpu_sampler(metrics, world.device)

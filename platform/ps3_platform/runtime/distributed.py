@@ -47,7 +47,25 @@ def init_distributed(world: WorldInfo, timeout_s: int = 600) -> None:
         backend = "cpu:gloo,cuda:nccl"  # gloo for CPU-side objects (checkpoint planning), NCCL for tensors
     else:
         backend = "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(backend=backend, store=_attempt_store(world, timeout), rank=world.rank,
+                            world_size=world.world_size, timeout=timeout)
+
+
+def _attempt_store(world: WorldInfo, timeout: timedelta) -> dist.Store:
+    """The rendezvous store, with keys scoped to this restart attempt.
+
+    Under torchrun the workers share the agent's store across restarts, and gloo's
+    address exchange can then read a dead worker's address from the previous attempt
+    (seen on torch 2.14: "connectFullMesh ... Connection refused" after an elastic
+    restart). A per-attempt prefix makes every attempt start from clean keys.
+    """
+    use_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.world_size,
+        is_master=not use_agent_store and world.rank == 0, timeout=timeout,
+    )
+    return dist.PrefixStore(f"ps3/attempt-{world.restart_count}", store)
 
 
 def shutdown_distributed() -> None:

@@ -1,0 +1,75 @@
+"""Human-readable status output (rich tables); `-o json` bypasses all of this."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from .base import JobStatus
+
+EVAL_LABELS = {
+    "retrieval_r1": "local retrieval R@1 (high-res, trained)",
+    "retrieval_r1_lowres": "local retrieval R@1 (low-res features only)",
+    "retrieval_r1_untrained": "local retrieval R@1 (untrained model)",
+    "recall_topdown": "patch-selection recall, top-down",
+    "recall_bottomup": "patch-selection recall, bottom-up",
+    "recall_random": "patch-selection recall, random",
+}
+
+
+def _fmt(value, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if spec else str(value)
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+
+def progress_line(status: JobStatus) -> str:
+    parts = [f"{status.name}: {status.phase}"]
+    for stage in status.stages:
+        if stage.phase == "Running" and stage.step is not None:
+            parts.append(f"{stage.name} step {stage.step}/{stage.total_steps} loss {stage.loss:.4f} "
+                         f"{_fmt(stage.samples_per_s, '.1f')} samples/s ETA {_eta(stage.eta_s)}")
+        else:
+            parts.append(f"{stage.name} {stage.phase}")
+    return " | ".join(parts)
+
+
+def print_status(status: JobStatus, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(f"[bold]{status.name}[/bold] ({status.kind}, {status.backend}): [bold]{status.phase}[/bold]")
+    table = Table("STAGE", "PHASE", "STEP", "LOSS", "SAMPLES/S", "ETA", "RESTARTS")
+    for s in status.stages:
+        step = f"{s.step}/{s.total_steps}" if s.step is not None else f"-/{_fmt(s.total_steps)}"
+        table.add_row(s.name, s.phase, step, _fmt(s.loss, ".4f"), _fmt(s.samples_per_s, ".1f"), _eta(s.eta_s),
+                      str(s.restarts))
+    console.print(table)
+    if status.eval:
+        print_eval(status.eval, console)
+    if status.checkpoints:
+        console.print(f"checkpoints: {status.checkpoints}")
+
+
+def print_eval(evaluation: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table("EVALUATION", "VALUE", title="evaluation (held-out shards)")
+    for key, value in evaluation.items():
+        if isinstance(value, (int, float)):
+            table.add_row(EVAL_LABELS.get(key, key), f"{value:.3f}")
+    console.print(table)
+
+
+def print_list(jobs: list[JobStatus], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table("NAME", "KIND", "BACKEND", "PHASE", "STAGES")
+    for job in jobs:
+        table.add_row(job.name, job.kind, job.backend, job.phase,
+                      ", ".join(f"{s.name}:{s.phase}" for s in job.stages))
+    console.print(table)

@@ -1,0 +1,252 @@
+"""Local backend: run a job on this machine, the embedded default without a cluster.
+
+Each run lives in `$PS3_PLATFORM_HOME/runs/NAME` (default `~/.ps3-platform`): the resolved
+spec, `state.json` written by the detached supervisor, per-rank logs from torchrun, the
+rank-0 metrics log of each stage and, unless the spec names a URI, the checkpoints.
+
+Why not TorchX's local scheduler: it would put a second supervisor and log layout
+between us and torchrun, and its app handles do not know our stages; the agent we need
+is torchrun's, which this backend runs directly (one process group per stage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+from ps3_platform.spec import JobSpec, resolved, stages_of
+
+from .base import TERMINAL_PHASES, Backend, BackendError, JobNotFoundError, JobStatus, StageStatus, SubmitResult
+
+
+def platform_home() -> Path:
+    return Path(os.environ.get("PS3_PLATFORM_HOME", Path.home() / ".ps3-platform"))
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _group_alive(pgid: int | None) -> bool:
+    """True while any process of the group is still running (zombies do not count).
+
+    A zombie is dead but keeps its group id until its parent reaps it, so `killpg(pgid, 0)`
+    alone would report a cancelled run as alive; on Linux /proc tells them apart.
+    """
+    if not pgid:
+        return False
+    try:
+        os.waitpid(pgid, os.WNOHANG)  # reap the supervisor if this process started it
+    except ChildProcessError:
+        pass
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _last_jsonl(path: Path) -> dict:
+    """Last metrics record of a stage (the runtime appends one every logEverySteps)."""
+    if not path.exists():
+        return {}
+    last: dict = {}
+    with path.open() as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line being written right now
+            if "step" in record and "loss" in record:
+                last = record
+    return last
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, home: Path | None = None):
+        self.runs = (home or platform_home()) / "runs"
+
+    def run_dir(self, name: str) -> Path:
+        return self.runs / name
+
+    # ---- submit -------------------------------------------------------------------------
+    def _submit(self, job: JobSpec, objects: list[dict], *, replace: bool) -> SubmitResult:
+        name = job.metadata.name
+        run_dir = self.run_dir(name)
+        spec_text = yaml.safe_dump(resolved(job), sort_keys=True)
+        digest = hashlib.sha256(spec_text.encode()).hexdigest()[:16]
+        if (run_dir / "state.json").exists():
+            state = json.loads((run_dir / "state.json").read_text())
+            if state.get("spec_hash") == digest and not replace:
+                return SubmitResult(name, False, f"job {name!r} already exists, unchanged (local run {run_dir})")
+            if not replace:
+                raise BackendError(f"job {name!r} exists with a different spec; use --replace or cancel it first")
+            if state.get("phase") not in TERMINAL_PHASES:
+                self._cancel(name)
+            shutil.rmtree(run_dir)
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (run_dir / "spec.yaml").write_text(spec_text)
+        stages = {s.name: {"phase": "Pending", "task": s.task, "total_steps": s.train.total_steps}
+                  for s in stages_of(job)}
+        state = {"name": name, "kind": job.kind, "phase": "Pending", "created": time.time(),
+                 "spec_hash": digest, "stages": stages}
+        (run_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        self._start_supervisor(run_dir)
+        return SubmitResult(name, True, f"job {name!r} submitted to the local backend (run directory {run_dir})")
+
+    def _start_supervisor(self, run_dir: Path) -> None:
+        log = (run_dir / "supervisor.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ps3_platform.backends.local_supervisor", str(run_dir)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: cancel signals the whole tree
+        )
+        state = json.loads((run_dir / "state.json").read_text())
+        state["supervisor_pid"] = proc.pid
+        state["pgid"] = proc.pid
+        tmp = run_dir / "state.tmp"
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+        tmp.replace(run_dir / "state.json")
+
+    # ---- status -------------------------------------------------------------------------
+    def _read_state(self, name: str) -> dict:
+        path = self.run_dir(name) / "state.json"
+        for _ in range(5):
+            try:
+                return json.loads(path.read_text())
+            except FileNotFoundError:
+                raise JobNotFoundError(f"no local job named {name!r} (looked in {self.runs})") from None
+            except json.JSONDecodeError:
+                time.sleep(0.05)  # replaced while reading
+        raise BackendError(f"cannot read {path}")
+
+    def _status(self, name: str) -> JobStatus:
+        state = self._read_state(name)
+        run_dir = self.run_dir(name)
+        phase = state["phase"]
+        if phase not in TERMINAL_PHASES and state.get("supervisor_pid") and not _alive(state["supervisor_pid"]):
+            phase = "Failed"  # the supervisor died without writing a final phase
+        stages = [self._stage_status(run_dir, stage_name, entry) for stage_name, entry in state["stages"].items()]
+        evaluation = {}
+        for stage in stages:
+            eval_file = run_dir / stage.name / "eval.json"
+            if eval_file.exists():
+                evaluation.update(json.loads(eval_file.read_text()))
+        return JobStatus(name=name, kind=state["kind"], backend="local", phase=phase, stages=stages,
+                         eval=evaluation, checkpoints=self._checkpoint_location(run_dir),
+                         created=state.get("created"), finished=state.get("finished"))
+
+    def _stage_status(self, run_dir: Path, name: str, entry: dict) -> StageStatus:
+        record = _last_jsonl(run_dir / name / "metrics.jsonl")
+        status = StageStatus(name=name, phase=entry["phase"], total_steps=entry.get("total_steps"),
+                             exit_code=entry.get("exit_code"), workers=entry.get("workers"))
+        if record:
+            status.step, status.loss = record["step"], record["loss"]
+            status.samples_per_s = record.get("samples_per_s")
+            status.total_steps = record.get("total", status.total_steps)
+            if status.phase == "Running" and record.get("step_seconds"):
+                status.eta_s = round((status.total_steps - status.step) * record["step_seconds"], 1)
+        status.restarts = len(list((run_dir / "logs" / name).glob("*/attempt_*"))) - 1 if (
+            run_dir / "logs" / name).exists() else 0
+        status.restarts = max(0, status.restarts)
+        return status
+
+    def _checkpoint_location(self, run_dir: Path) -> str | None:
+        spec = yaml.safe_load((run_dir / "spec.yaml").read_text())
+        stages = spec["spec"]["stages"] if spec["kind"] == "Pipeline" else [spec["spec"]]
+        uris = {s["checkpoint"]["uri"] for s in stages if s["checkpoint"]["uri"]}
+        return ", ".join(sorted(uris)) if uris else f"file://{run_dir.resolve()}/checkpoints"
+
+    def _list(self) -> list[JobStatus]:
+        if not self.runs.exists():
+            return []
+        return [self._status(p.name) for p in sorted(self.runs.iterdir()) if (p / "state.json").exists()]
+
+    # ---- logs ---------------------------------------------------------------------------
+    def _rank_logs(self, run_dir: Path, stage: str | None, rank: int | None) -> list[Path]:
+        """Per-rank files torchrun writes: logs/STAGE/<run id>/attempt_N/RANK/{stdout,stderr}.log."""
+        pattern = f"{stage or '*'}/*/attempt_*/{'*' if rank is None else rank}/stderr.log"
+        return sorted((run_dir / "logs").glob(pattern), key=lambda p: (p.stat().st_mtime, str(p)))
+
+    def _logs(self, name: str, *, stage: str | None, rank: int | None, follow: bool) -> Iterator[str]:
+        self._read_state(name)
+        run_dir = self.run_dir(name)
+        offsets: dict[Path, int] = {}
+        while True:
+            for path in self._rank_logs(run_dir, stage, rank):
+                with path.open() as f:
+                    f.seek(offsets.get(path, 0))
+                    chunk = f.read()
+                    offsets[path] = f.tell()
+                label = f"[{path.parts[-5]} {path.parts[-3]} rank {path.parts[-2]}] "
+                for line in chunk.splitlines():
+                    yield label + line
+            if not follow or self._status(name).done:
+                if follow:  # one last pass for lines written just before the end
+                    follow = False
+                    continue
+                return
+            time.sleep(0.5)
+
+    # ---- cancel -------------------------------------------------------------------------
+    def _cancel(self, name: str, grace_s: float = 45.0) -> str:
+        state = self._read_state(name)
+        pgid = state.get("pgid")
+        if state["phase"] in TERMINAL_PHASES and not _group_alive(pgid):
+            return f"job {name!r} already {state['phase'].lower()}"
+        if _group_alive(pgid):
+            os.killpg(pgid, signal.SIGTERM)  # workers checkpoint and exit; supervisor records Cancelled
+            deadline = time.time() + grace_s
+            while _group_alive(pgid) and time.time() < deadline:
+                time.sleep(0.2)
+            if _group_alive(pgid):
+                os.killpg(pgid, signal.SIGKILL)
+                while _group_alive(pgid):
+                    time.sleep(0.1)
+        state = self._read_state(name)
+        if state["phase"] not in TERMINAL_PHASES:  # the supervisor was killed before it could say so
+            state["phase"] = "Cancelled"
+            state["finished"] = time.time()
+            for entry in state["stages"].values():
+                if entry["phase"] in ("Pending", "Running"):
+                    entry["phase"] = "Cancelled"
+            (self.run_dir(name) / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        return f"job {name!r} cancelled; no process left running"
+
+    def _wait(self, name: str, *, follow: bool, poll_s: float) -> int:
+        try:
+            return super()._wait(name, follow=follow, poll_s=poll_s)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: cancelling {name!r}", file=sys.stderr, flush=True)
+            print(self._cancel(name), file=sys.stderr)
+            return 130

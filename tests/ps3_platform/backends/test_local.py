@@ -1,0 +1,115 @@
+"""Local backend: real torchrun agents, real worker processes, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from ps3_platform.backends.base import JobNotFoundError
+from ps3_platform.backends.local import LocalBackend, _group_alive
+from ps3_platform.cli import main
+from ps3_platform.spec import load_text
+
+JOB = """
+apiVersion: ps3.platform/v1
+kind: TrainingJob
+metadata: {{name: {name}}}
+spec:
+  task: noop
+  resources: {{pool: cpu, procsPerNode: 2}}
+  elastic: {{minNodes: 1, maxNodes: 1, maxRestarts: 2}}
+  checkpoint: {{intervalSteps: 5}}
+  train: {{globalBatch: 8, microBatch: 2, steps: {steps}, optimizer: {{lr: 0.01}}}}
+  params: {{stepSeconds: {step_seconds}}}
+  monitoring: {{logEverySteps: 1}}
+"""
+
+
+def _job(name="toy", steps=12, step_seconds=0.0):
+    return load_text(JOB.format(name=name, steps=steps, step_seconds=step_seconds)).job
+
+
+def _wait_for(predicate, timeout=120.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_two_worker_job_runs_to_completion(platform_home):
+    backend = LocalBackend()
+    result = backend.submit(_job(), [])
+    assert result.created
+    assert backend.wait("toy", follow=False, poll_s=0.5) == 0
+    status = backend.status("toy")
+    assert status.phase == "Succeeded"
+    (stage,) = status.stages
+    assert (stage.step, stage.total_steps, stage.workers) == (12, 12, 2)
+    logs = list(backend.logs("toy", rank=1))
+    assert any("[rank1]" in line for line in logs)
+    # Same spec again: nothing happens; a changed one needs --replace.
+    assert "unchanged" in backend.submit(_job(), []).message
+
+
+def test_changed_spec_needs_replace(platform_home):
+    backend = LocalBackend()
+    backend.submit(_job(steps=2), [])
+    backend.wait("toy", follow=False, poll_s=0.5)
+    from ps3_platform.backends.base import BackendError
+
+    with pytest.raises(BackendError, match="--replace"):
+        backend.submit(_job(steps=3), [])
+    assert backend.submit(_job(steps=3), [], replace=True).created
+
+
+def test_sigkilled_worker_is_restarted_and_job_succeeds(platform_home):
+    backend = LocalBackend()
+    backend.submit(_job(steps=40, step_seconds=0.05), [])
+    pid_file = backend.run_dir("toy") / "train" / "rank-1.pid"
+    metrics = backend.run_dir("toy") / "train" / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 8, what="training progress")
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert backend.wait("toy", follow=False, poll_s=0.5) == 0
+    status = backend.status("toy")
+    assert status.stages[0].restarts >= 1
+    assert status.stages[0].step == 40
+
+
+def test_cancel_leaves_no_process_behind(platform_home):
+    backend = LocalBackend()
+    backend.submit(_job(steps=10_000, step_seconds=0.05), [])
+    run_dir = backend.run_dir("toy")
+    _wait_for(lambda: (run_dir / "train" / "rank-1.pid").exists(), what="workers to start")
+    worker_pids = [int((run_dir / "train" / f"rank-{r}.pid").read_text()) for r in (0, 1)]
+    pgid = json.loads((run_dir / "state.json").read_text())["pgid"]
+    message = backend.cancel("toy")
+    assert "no process left running" in message
+    assert not _group_alive(pgid)
+    for pid in worker_pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert backend.status("toy").phase == "Cancelled"
+
+
+def test_unknown_job_is_a_one_line_error(platform_home, capsys):
+    with pytest.raises(JobNotFoundError):
+        LocalBackend().status("nope")
+    assert main(["status", "nope", "--backend", "local"]) == 1
+    assert capsys.readouterr().err.strip().startswith("error: no local job named 'nope'")
+
+
+def test_status_json_via_cli(platform_home, tmp_path, capsys):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(JOB.format(name="clijob", steps=3, step_seconds=0))
+    assert main(["submit", str(spec), "--backend", "local", "--wait", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["status", "clijob", "-o", "json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["phase"] == "Succeeded" and status["stages"][0]["step"] == 3
