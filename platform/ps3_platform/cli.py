@@ -101,11 +101,21 @@ def cmd_submit(args) -> int:
     backend = make_backend(backend_name, args)
     pools = backend.pools(args.pools) if hasattr(backend, "pools") else load_pools(args.pools)
     loaded = _load_checked(args, pools)
-    objects = _compile(loaded, pools, args.namespace) if backend_name == "kubernetes" else []
+    objects = []
+    if backend_name == "kubernetes":
+        from ps3_platform.compile import cluster_warnings
+
+        objects = _compile(loaded, pools, args.namespace)
+        for warning in cluster_warnings(loaded.job):
+            print(f"warning: {warning}", file=sys.stderr)
     result = backend.submit(loaded.job, objects, replace=args.replace)
     print(result.message)
     if args.wait:
-        return backend.wait(loaded.job.metadata.name, follow=not args.quiet)
+        code = backend.wait(loaded.job.metadata.name, follow=not args.quiet)
+        from ps3_platform.backends.display import print_summary
+
+        print_summary(backend.status(loaded.job.metadata.name), spec_file=args.file)
+        return code
     return 0
 
 
@@ -148,7 +158,7 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from ps3_platform.backends.data_commands import run_data_command
+    from ps3_platform.data_cli import run_data_command
 
     return run_data_command(args)
 
@@ -239,12 +249,21 @@ def main(argv: list[str] | None = None) -> int:
     except PoolConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SPEC_ERROR
+    except _compile_errors() as exc:
+        print(f"{getattr(args, 'file', 'spec')}: error: {exc}", file=sys.stderr)
+        return EXIT_SPEC_ERROR
     except (CommandError, _backend_errors()) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _compile_errors() -> type[Exception]:
+    from ps3_platform.compile import CompileError
+
+    return CompileError
 
 
 def _backend_errors() -> type[Exception]:

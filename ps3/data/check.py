@@ -14,7 +14,7 @@ from collections import Counter
 
 from .decode import decode_sample
 from .fs import filesystem
-from .index import INDEX_NAME
+from .index import INDEX_NAME, DataSourceError
 from .records import BadSample
 from .shards import scan_tar
 
@@ -29,7 +29,11 @@ def check_source(uri: str) -> dict:
     {"name", "samples", "ok", "boxes", "global_captions", "bad", "bad_keys", "error"}]}.
     """
     fs, path = filesystem(uri)
-    present = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if p.endswith(".tar"))
+    try:
+        listing = fs.ls(path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        raise DataSourceError(f"{uri}: no such source directory") from None
+    present = sorted(p.rsplit("/", 1)[-1] for p in listing if p.endswith(".tar"))
     listed, index_state = _listed_shards(fs, path)
     shards = [check_shard(fs, f"{path}/{name}") | {"name": name} for name in present]
     missing = sorted(set(listed) - set(present))

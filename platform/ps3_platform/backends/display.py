@@ -73,3 +73,13 @@ def print_list(jobs: list[JobStatus], console: Console | None = None) -> None:
         table.add_row(job.name, job.kind, job.backend, job.phase,
                       ", ".join(f"{s.name}:{s.phase}" for s in job.stages))
     console.print(table)
+
+
+def print_summary(status: JobStatus, spec_file: str, console: Console | None = None) -> None:
+    """What `submit --wait` ends with: the result, the evaluation, where things are, what next."""
+    console = console or Console()
+    console.print()
+    print_status(status, console)
+    console.print(f"logs: platformctl logs {status.name} [--stage S] [--rank R]")
+    console.print("run the same pre-training on a cluster: platformctl render jobs/ps3_4k.yaml "
+                  "(then platformctl submit jobs/ps3_4k.yaml --backend kubernetes)")
