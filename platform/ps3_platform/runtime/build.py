@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from ps3_platform.spec import BatchPlan, JobSpec, Stage
+from ps3_platform.spec.models import expand_run_placeholder
 
 from .distributed import WorldInfo, init_distributed, parallelize, shutdown_distributed
 from .gpu import start_gpu_sampler
@@ -18,7 +19,7 @@ from .metrics import JsonlLog, Metrics
 from .optim import build_optimizer, build_scheduler
 from .signals import StopFlag
 from .state import seed_everything
-from .task import RunContext, TaskState, UnknownTaskError, resolve_task
+from .task import RunContext, TaskSetupError, TaskState, UnknownTaskError, resolve_task
 from .trainer import SpecChangedError, Trainer
 
 
@@ -57,7 +58,23 @@ def _context(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, metr
         parallelize=lambda model: parallelize(model, world, train.parallelism, train.activation_checkpointing),
         build_optimizer=lambda params: build_optimizer(params, train),
         build_scheduler=lambda optimizer: build_scheduler(optimizer, train),
+        load_weights=lambda model, url: load_weights(model, url, world, metrics),
     )
+
+
+def load_weights(model, url: str, world: WorldInfo, metrics: Metrics) -> int:
+    """Model weights (no optimizer) from a committed checkpoint of another stage."""
+    from .checkpoint import Checkpointer, CheckpointError
+    from .state import ModelAndOptimizer
+
+    base, job, stage = (url.rstrip("/").rsplit("/", 2) + ["", ""])[:3]
+    reader = Checkpointer(uri=base, job=job or "job", stage=stage or "stage", keep=1, keep_every=None,
+                          async_save=False, rank=world.rank, world_size=world.world_size, metrics=metrics)
+    try:
+        step, _ = reader.load({"app": ModelAndOptimizer(model, None)}, source=url)
+    except CheckpointError as exc:
+        raise TaskSetupError(f"cannot load weights from {url}: {exc}") from None
+    return step
 
 
 def _checkpointer(job: JobSpec, stage: Stage, world: WorldInfo, metrics: Metrics, run_dir: Path):
@@ -78,6 +95,7 @@ def run_stage(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, log
     init_distributed(world)
     run_dir = run_dir_for(job.metadata.name, stage.name)
     run_dir.mkdir(parents=True, exist_ok=True)
+    stage = expand_run_placeholder(stage, str(run_dir.parent.resolve()))
     (run_dir / f"rank-{world.rank}.pid").write_text(str(os.getpid()))  # which process is which rank
     metrics = Metrics(job.metadata.name, stage.name, world.rank)
     _serve_metrics(metrics, stage, world, log)
@@ -89,7 +107,10 @@ def run_stage(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, log
         except UnknownTaskError as exc:
             raise RunSetupError(str(exc)) from None
         ctx = _context(job, stage, world, plan, metrics, run_dir, log)
-        task: TaskState = build(ctx)
+        try:
+            task: TaskState = build(ctx)
+        except TaskSetupError as exc:
+            raise RunSetupError(str(exc)) from None
         seed_everything(stage.train.seed + 1000 * world.rank)  # distinct per-rank randomness from here on
         if task.run is not None:
             task.run()

@@ -76,19 +76,20 @@ def shutdown_distributed() -> None:
 def parallelize(model: nn.Module, world: WorldInfo, strategy: str, activation_checkpointing: bool) -> nn.Module:
     """Wrap a model for data parallelism: DDP by default, FSDP2 (`fully_shard`) per block.
 
-    FSDP2 shards each child module that declares itself a block (attribute
-    `fsdp_blocks`: an iterable of modules) and then the root, which is how torchtitan
-    applies it; models without the attribute are sharded at the root only.
+    FSDP2 shards each transformer block the model lists (`model.blocks()`) and then the
+    root, which is how torchtitan applies it; models without `blocks()` are sharded at the
+    root only. Activation checkpointing is the model's own switch
+    (`set_grad_checkpointing`), since only the model knows its block boundaries.
     """
     model = model.to(world.device)
-    if activation_checkpointing and hasattr(model, "set_activation_checkpointing"):
-        model.set_activation_checkpointing(True)
+    if activation_checkpointing and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
     if world.world_size == 1 and strategy == "ddp":
         return model
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in getattr(model, "fsdp_blocks", lambda: [])():
+        for block in getattr(model, "blocks", lambda: [])():
             fully_shard(block)
         fully_shard(model)
         return model

@@ -36,7 +36,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ps3_checkpoint_load_seconds": ("gauge", "Time to load the checkpoint at start.", ()),
     "ps3_checkpoint_bytes": ("gauge", "Bytes this rank wrote in the last committed checkpoint.", ()),
     "ps3_checkpoint_last_success_timestamp_seconds": ("gauge", "Unix time of the last committed checkpoint.", ()),
-    "ps3_checkpoint_age_seconds": ("gauge", "Seconds since the last committed checkpoint.", ()),
+    "ps3_checkpoint_age_seconds": ("gauge", "Seconds since the last committed checkpoint (or since start).", ()),
+    "ps3_checkpoint_interval_seconds": ("gauge", "Expected seconds between checkpoints (intervalSteps x step time).", ()),
     "ps3_checkpoint_failures_total": ("counter", "Checkpoint save attempts that failed (retried).", ()),
     "ps3_restarts": ("gauge", "Times this run has been resumed from a checkpoint.", ()),
     "ps3_data_bad_samples_total": ("counter", "Samples skipped as unreadable, by reason.", ("reason",)),
@@ -68,9 +69,11 @@ class Metrics:
                 metric_name, doc, BASE_LABELS + extra, registry=self.registry, **kwargs
             )
         self._base = {"job": self.job, "stage": self.stage, "rank": str(self.rank)}
-        self._last_checkpoint: float | None = None
+        # Until the first commit the age counts from start, so a run that never manages to
+        # checkpoint still trips the stale-checkpoint alert.
+        self._last_checkpoint = time.time()
         age = self._families["ps3_checkpoint_age_seconds"].labels(**self._base)
-        age.set_function(lambda: time.time() - self._last_checkpoint if self._last_checkpoint else 0.0)
+        age.set_function(lambda: time.time() - self._last_checkpoint)
         # Make every label-less series visible from the first scrape (dashboards need data, not gaps).
         for name, (kind, _, extra) in METRICS.items():
             if not extra and name != "ps3_checkpoint_age_seconds":

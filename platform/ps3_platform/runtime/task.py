@@ -62,6 +62,9 @@ class RunContext:
     parallelize: Callable[[nn.Module], nn.Module]
     build_optimizer: Callable[[Any], torch.optim.Optimizer]
     build_scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+    load_weights: Callable[[nn.Module, str], int]
+    """Load a model's weights from another stage's committed checkpoint (URL of its stage
+    directory, or of one step-N directory); returns the step loaded."""
 
     @property
     def params(self) -> dict:
@@ -91,6 +94,11 @@ class TaskState:
 
 class UnknownTaskError(LookupError):
     pass
+
+
+class TaskSetupError(RuntimeError):
+    """A task cannot start with this spec (missing weights, data that does not fit the
+    model...): permanent, so the worker exits with a user-error code before any step."""
 
 
 def resolve_task(name: str) -> Callable[[RunContext], TaskState]:

@@ -63,6 +63,7 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.autocast = ctx.stage.train.precision == "bf16"
         self._bad_reported: dict[str, int] = {}
+        self._mean_step_s: float | None = None
 
     # ---- checkpoint state -------------------------------------------------------------
     def _state(self, with_data: bool = True) -> dict:
@@ -228,6 +229,8 @@ class Trainer:
         samples_per_s = plan.global_batch / stats.seconds
         lr = self.task.optimizer.param_groups[0]["lr"]
         m.get("ps3_step_seconds").observe(stats.seconds)
+        self._mean_step_s = stats.seconds if self._mean_step_s is None else 0.9 * self._mean_step_s + 0.1 * stats.seconds
+        m.get("ps3_checkpoint_interval_seconds").set(self.ctx.stage.checkpoint.interval_steps * self._mean_step_s)
         m.get("ps3_steps_total").inc()
         m.get("ps3_step").set(step)
         m.get("ps3_samples_total").inc(stats.samples)

@@ -41,12 +41,24 @@ def _dns_label(value: str) -> str:
     return value
 
 
+#: Placeholder for the run's directory in URIs (local backend), e.g. file://{run}/data.
+RUN_PLACEHOLDER = "{run}"
+
+
 def _uri(value: str) -> str:
+    if value.startswith(f"file://{RUN_PLACEHOLDER}/"):
+        return value
     if not _URI.match(value):
         raise ValueError(f"{value!r} is not a URI: expected an fsspec URL such as s3://bucket/path or file:///abs/path")
     if value.startswith("file://") and not value.startswith("file:///"):
         raise ValueError(f"{value!r}: file URIs need an absolute path, e.g. file:///data/shards")
     return value
+
+
+def expand_run_placeholder(stage: "Stage", run_root: str) -> "Stage":
+    """The stage with `{run}` in every string replaced by the run directory."""
+    text = stage.model_dump_json(by_alias=True).replace(RUN_PLACEHOLDER, run_root.rstrip("/"))
+    return type(stage).model_validate_json(text)
 
 
 def _quantity(value: str | int | float) -> str:

@@ -1,0 +1,157 @@
+"""Pieces the PS3 tasks share: task parameters, preset, tokenizer, data, initial weights.
+
+Everything here runs before the first step, so every mistake in a spec (a missing
+checkpoint, weights of another architecture, a batch the preset cannot take) surfaces as
+a `TaskSetupError` naming the field to change, before any GPU time is spent.
+"""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from ps3.data import DataSourceError, build_loader
+from ps3.model import (
+    CheckpointError,
+    PresetError,
+    PS3Model,
+    PS3Preset,
+    TokenizerError,
+    UnknownPresetError,
+    build_tokenizer,
+    get_preset,
+    load_siglip_hf,
+)
+from ps3_platform.runtime.task import RunContext, TaskSetupError
+
+#: The paper's cap on high-res patches per image at pre-training (section 2.3).
+PAPER_MAX_SELECTED = 2560
+
+
+class TaskParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+
+class PretrainParams(TaskParams):
+    contrastive_weight: float = Field(1.0, ge=0, description="Weight of the local+global sigmoid contrast.")
+    bce_weight: float = Field(1.0, ge=0, description="Weight of BCE between selection maps and boxes.")
+    dice_weight: float = Field(1.0, ge=0, description="Weight of DICE between selection maps and boxes.")
+    topdown_weight: float = Field(1.0, ge=0, description="Weight of the top-down (caption-prompted) box loss.")
+    bottomup_weight: float = Field(1.0, ge=0, description="Weight of the bottom-up (prior) box loss.")
+    max_selected_patches: int | None = Field(
+        None, ge=1, le=PAPER_MAX_SELECTED, description="High-res patches per image (default: the preset's)."
+    )
+    max_tokens_per_micro_batch: int = Field(
+        32 * (729 + PAPER_MAX_SELECTED),
+        ge=1, description="Vision tokens one forward may hold (micro-batch x (low-res + selected)); "
+                          "the default is the paper's 32 images per H100.",
+    )
+
+
+def parse_params(model: type[TaskParams], ctx: RunContext) -> TaskParams:
+    try:
+        return model.model_validate(ctx.params)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise TaskSetupError(f"spec params.{where}: {first['msg']}") from None
+
+
+def preset_for(ctx: RunContext, max_selected: int | None = None) -> PS3Preset:
+    spec = ctx.stage.model
+    if not spec.preset:
+        raise TaskSetupError("spec model.preset is required for PS3 tasks (e.g. ps3-4k-siglip, ps3-tiny)")
+    overrides = dict(spec.overrides)
+    if max_selected is not None:
+        overrides["max_select_num"] = max_selected
+    try:
+        return get_preset(spec.preset, **overrides)
+    except (UnknownPresetError, PresetError, TypeError) as exc:
+        raise TaskSetupError(f"spec model: {exc}") from None
+
+
+def check_batch_fits(preset: PS3Preset, micro_batch: int, max_tokens: int) -> None:
+    """A micro-batch must fit the token budget per forward: fail now, not after an OOM."""
+    per_image = (preset.scales[0] // preset.patch_size) ** 2 + preset.max_select_num
+    if micro_batch * per_image > max_tokens:
+        fit = max(1, max_tokens // per_image)
+        raise TaskSetupError(
+            f"micro-batch {micro_batch} x {per_image} vision tokens per image ({preset.max_select_num} selected) "
+            f"exceeds params.maxTokensPerMicroBatch={max_tokens}; set train.microBatch to {fit} or less "
+            "(gradient accumulation keeps the global batch)"
+        )
+
+
+def tokenizer_for(ctx: RunContext, preset: PS3Preset):
+    uri = ctx.stage.data.tokenizer
+    if not uri:
+        raise TaskSetupError("spec data.tokenizer is required: a SentencePiece .model or tokenizers .json file")
+    try:
+        return build_tokenizer(uri, context_length=preset.text_context_length)
+    except (TokenizerError, OSError) as exc:
+        raise TaskSetupError(f"spec data.tokenizer {uri}: {exc}") from None
+
+
+def loader_for(ctx: RunContext, preset: PS3Preset, tokenizer, sources, *, global_caption_fraction: float,
+               global_batch: int | None = None, micro_batch: int | None = None, rank: int | None = None,
+               world_size: int | None = None, seed: int | None = None):
+    if not sources:
+        raise TaskSetupError("spec data.sources is empty: name at least one shard directory")
+    try:
+        return build_loader(
+            [s.model_dump() for s in sources],
+            rank=ctx.rank if rank is None else rank, world_size=ctx.world_size if world_size is None else world_size,
+            global_batch=global_batch or ctx.batch.global_batch, micro_batch=micro_batch or ctx.batch.micro_batch,
+            seed=ctx.stage.data.seed if seed is None else seed, scales=preset.scales, patch_size=preset.patch_size,
+            budgets=preset.budgets, selection_view_size=preset.selection_view_size,
+            context_length=preset.text_context_length, tokenize=tokenizer,
+            num_workers=ctx.stage.data.num_workers, global_caption_fraction=global_caption_fraction,
+        )
+    except DataSourceError as exc:
+        raise TaskSetupError(str(exc)) from None
+
+
+def init_weights(model: PS3Model, uri: str | None) -> None:
+    """Start from SigLIP (HF `SiglipModel` layout) or a released/exported PS3 checkpoint."""
+    if not uri:
+        return
+    try:
+        with fsspec.open(f"{uri.rstrip('/')}/config.json") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise TaskSetupError(f"spec model.initFrom {uri}: no config.json there (expected a SigLIP or PS3 "
+                             "checkpoint directory)") from None
+    try:
+        if config.get("model_type") == "siglip":
+            load_siglip_hf(model, uri, allow_gelu_mismatch=True)
+        elif config.get("model_type") == "ps3" or "vision_config" in config and "text_config" in config:
+            from ps3.model import load_ps3_checkpoint
+
+            released = load_ps3_checkpoint(uri)
+            if released.preset.scales != model.preset.scales or released.preset.width != model.preset.width:
+                raise CheckpointError(f"{uri}: checkpoint is {released.preset.name} with scales "
+                                      f"{released.preset.scales}, the spec's preset has {model.preset.scales}")
+            model.load_state_dict(released.state_dict())
+        else:
+            raise CheckpointError(f"{uri}: model_type {config.get('model_type')!r} is neither siglip nor ps3")
+    except (CheckpointError, KeyError, RuntimeError) as exc:
+        raise TaskSetupError(f"spec model.initFrom: {exc}") from None
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        return value
+
+    return {k: move(v) for k, v in batch.items()}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
