@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -34,9 +33,9 @@ def test_single_process_matches_definition():
     assert torch.allclose(SigmoidLoss()(img, txt, scale, bias), ref)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank: int, out_dir: str) -> None:
+    # A file rendezvous: no TCP port to pick (and race other test runs for).
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
     try:
         img, txt = _features()
         mine = slice(rank * B, (rank + 1) * B)
@@ -48,18 +47,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         shared = torch.stack([loss.detach(), log_scale.grad, bias.grad])
         dist.all_reduce(shared)  # what gradient averaging sees, times WORLD
         torch.save({"img": i.grad, "txt": t.grad, "shared": shared / WORLD}, os.path.join(out_dir, f"{rank}.pt"))
+        dist.barrier()  # nobody tears down gloo while the peer still talks to it
     finally:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ring_loss_equals_single_process_loss_and_gradients(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn", join=True)
+    mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD, start_method="spawn", join=True)
     img, txt = _features()
     img.requires_grad_(True)
     txt.requires_grad_(True)

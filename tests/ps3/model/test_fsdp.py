@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -21,12 +20,12 @@ def _loss(model, batch):
     return (out.image_features @ out.text_features.T).sum() + out.logit_bias.sum() + sum(p.sum() for p in out.topdown_probs)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # A file rendezvous: no TCP port to pick (and race other test runs for).
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
         model = PS3Model("ps3-tiny")
@@ -39,15 +38,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         grad = dict(model.named_parameters())[PROBE].grad.full_tensor()
         if rank == 0:
             torch.save(grad, os.path.join(out_dir, "grad.pt"))
+        dist.barrier()  # nobody tears down gloo while the peer still talks to it
     finally:
         dist.destroy_process_group()
 
 
 def test_fully_shard_per_block_matches_single_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    mp.start_processes(_worker, args=(str(tmp_path),), nprocs=2, start_method="spawn", join=True)
     torch.manual_seed(0)
     model = PS3Model("ps3-tiny")
     _loss(model, make_batch(model.preset, 2)).backward()
