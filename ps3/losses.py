@@ -34,7 +34,7 @@ class _RingShift(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, to_rank: int, from_rank: int, group) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, to_rank: int, from_rank: int, group) -> torch.Tensor:
         ctx.to_rank, ctx.from_rank, ctx.group = to_rank, from_rank, group
         out = torch.empty_like(x)
         ops = [dist.P2POp(dist.isend, x.contiguous(), to_rank, group), dist.P2POp(dist.irecv, out, from_rank, group)]
@@ -43,11 +43,11 @@ class _RingShift(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
+    def backward(ctx, grad: torch.Tensor):
         return _RingShift.apply(grad.contiguous(), ctx.from_rank, ctx.to_rank, ctx.group), None, None, None
 
 
-def ring_shift(x: torch.Tensor, rank: int, world_size: int, group=None) -> torch.Tensor:  # noqa: ANN001
+def ring_shift(x: torch.Tensor, rank: int, world_size: int, group=None) -> torch.Tensor:
     """Autograd-aware P2P: returns the tensor of rank-1 (mod world) after sending ours to rank+1."""
     to_rank, from_rank = (rank + 1) % world_size, (rank - 1) % world_size
     if group is not None:  # P2P ops address global ranks
@@ -65,7 +65,7 @@ def _pair_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: 
 
 
 def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                 logit_bias: torch.Tensor, *, rank: int = 0, world_size: int = 1, group=None) -> torch.Tensor:  # noqa: ANN001
+                 logit_bias: torch.Tensor, *, rank: int = 0, world_size: int = 1, group=None) -> torch.Tensor:
     """SigLIP loss of this rank's images against the texts of every rank.
 
     Features are L2-normalised [B, E]; ``logit_scale`` is the temperature itself (the exp of
@@ -88,7 +88,7 @@ def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
 class SigmoidLoss(nn.Module):
     """``sigmoid_loss`` bound to a rank / world size / group (like open_clip's loss modules)."""
 
-    def __init__(self, *, rank: int = 0, world_size: int = 1, group=None) -> None:  # noqa: ANN001
+    def __init__(self, *, rank: int = 0, world_size: int = 1, group=None) -> None:
         super().__init__()
         self.rank, self.world_size, self.group = rank, world_size, group
 

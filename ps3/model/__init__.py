@@ -37,11 +37,28 @@ each scale's own ground-truth map, and inference pools all selected tokens into 
 from ps3.model.errors import CheckpointError, PS3InputError
 from ps3.model.forward import PretrainVisionOutput, PS3ImageOutput
 from ps3.model.model import PretrainOutput, PS3Model, clamp_logit_scale_
-from ps3.model.presets import PresetError, PS3Preset, UnknownPresetError, get_preset, list_presets, register_preset
+from ps3.model.presets import (
+    PresetError,
+    PS3Preset,
+    UnknownPresetError,
+    get_preset,
+    list_presets,
+    register_preset,
+)
 from ps3.model.siglip_hf import load_siglip_hf
-from ps3.model.tokenizer import Tokenizer, TokenizerError, build_tokenizer, canonicalize, train_tiny_tokenizer
+from ps3.model.tokenizer import (
+    Tokenizer,
+    TokenizerError,
+    build_tokenizer,
+    canonicalize,
+    train_tiny_tokenizer,
+)
 from ps3.model.vision import PS3VisionEncoder, resize_square
-from ps3.model.weights import export_ps3_checkpoint, load_ps3_checkpoint, preset_from_ps3_config
+from ps3.model.weights import (
+    export_ps3_checkpoint,
+    load_ps3_checkpoint,
+    preset_from_ps3_config,
+)
 
 __all__ = [
     "CheckpointError",

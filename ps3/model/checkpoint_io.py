@@ -47,7 +47,7 @@ def read_tensors(uri: str) -> dict[str, torch.Tensor]:
             return st_load_file(path)
         with fs.open(path, "rb") as f:
             return st_load(f.read())
-    except Exception as exc:  # noqa: BLE001 - OSError, or safetensors' Rust error (not importable portably)
+    except Exception as exc:
         raise CheckpointError(f"cannot read tensors from {uri}: {exc}") from exc
 
 

@@ -13,9 +13,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ps3.model.selection import apply_gt_override, index_to_map, look_budgets, select_topk
-from ps3.model.trunk import gather_patches
 from ps3.model.errors import PS3InputError
+from ps3.model.selection import (
+    apply_gt_override,
+    index_to_map,
+    look_budgets,
+    select_topk,
+)
+from ps3.model.trunk import gather_patches
 from ps3.model.vision import LowRes, PS3VisionEncoder, resize_square
 
 __all__ = ["PretrainVisionOutput", "PS3ImageOutput", "vision_pretrain_forward", "encode_image_multilook", "count_looks"]

@@ -16,7 +16,11 @@ from torch import nn
 
 from ps3.losses import MAX_LOGIT_SCALE
 from ps3.losses import clamp_logit_scale_ as clamp_param_
-from ps3.model.forward import PS3ImageOutput, encode_image_multilook, vision_pretrain_forward
+from ps3.model.forward import (
+    PS3ImageOutput,
+    encode_image_multilook,
+    vision_pretrain_forward,
+)
 from ps3.model.presets import PS3Preset, get_preset
 from ps3.model.text import TextTransformer
 from ps3.model.vision import PS3VisionEncoder
@@ -38,7 +42,7 @@ class PretrainOutput:
     hr_index: list[torch.Tensor]  # per scale long [B, K_s], the encoded cells
 
 
-def clamp_logit_scale_(model: "PS3Model", max_value: float = MAX_LOGIT_SCALE) -> None:
+def clamp_logit_scale_(model: PS3Model, max_value: float = MAX_LOGIT_SCALE) -> None:
     """Clamp the model's log temperature to [0, log 100] in place; call after each optimizer step."""
     clamp_param_(model.logit_scale, max_value)
 

@@ -142,7 +142,7 @@ class PS3Preset:
         """Patches over all high-res scales; bounds the number of looks."""
         return sum(g * g for g in self.grids[1:])
 
-    def replace(self, **overrides: Any) -> "PS3Preset":
+    def replace(self, **overrides: Any) -> PS3Preset:
         """A copy with fields replaced by name; unknown names raise with suggestions."""
         names = [f.name for f in dataclasses.fields(self)]
         for key in overrides:

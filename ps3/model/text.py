@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ps3.model.errors import PS3InputError
 from ps3.model.layers import Mlp
 from ps3.model.presets import PS3Preset
-from ps3.model.errors import PS3InputError
 
 __all__ = ["TextTransformer"]
 

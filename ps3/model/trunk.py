@@ -27,7 +27,7 @@ def resample_pos_table(table: torch.Tensor, grid: int) -> torch.Tensor:
     numerical agreement). The table is returned unchanged at its own size.
     """
     n, d = table.shape[1], table.shape[2]
-    g0 = int(round(n ** 0.5))
+    g0 = round(n ** 0.5)
     if g0 == grid:
         return table
     t = table.float().reshape(1, g0, g0, d).permute(0, 3, 1, 2)  # [1, D, G0, G0]

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ps3.model.checkpoint_io import check_state_dict, join, read_json, read_tensors, write_json, write_tensors
+from ps3.model.checkpoint_io import (
+    check_state_dict,
+    join,
+    read_json,
+    read_tensors,
+    write_json,
+    write_tensors,
+)
 from ps3.model.errors import CheckpointError
 from ps3.model.model import PS3Model
 from ps3.model.presets import PS3Preset, scale_budgets

@@ -129,7 +129,8 @@ def test_box_loss_needs_some_probabilities():
 
 def test_clamp_logit_scale_helpers():
     from ps3.losses import clamp_logit_scale_
-    from ps3.model import PS3Model, clamp_logit_scale_ as clamp_model
+    from ps3.model import PS3Model
+    from ps3.model import clamp_logit_scale_ as clamp_model
 
     p = torch.nn.Parameter(torch.tensor(9.0))
     clamp_logit_scale_(p)

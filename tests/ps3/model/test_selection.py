@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ps3.model.selection import apply_gt_override, index_to_map, logits_to_probs, look_budgets, prompt_logits, select_topk
+from ps3.model.selection import (
+    apply_gt_override,
+    index_to_map,
+    logits_to_probs,
+    look_budgets,
+    prompt_logits,
+    select_topk,
+)
 
 
 def test_probs_are_clamped_sigmoid_of_head0_upsampled_nearest():

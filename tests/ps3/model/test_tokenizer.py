@@ -8,7 +8,12 @@ import fsspec
 import pytest
 import torch
 
-from ps3.model.tokenizer import TokenizerError, build_tokenizer, canonicalize, train_tiny_tokenizer
+from ps3.model.tokenizer import (
+    TokenizerError,
+    build_tokenizer,
+    canonicalize,
+    train_tiny_tokenizer,
+)
 
 CAPTIONS = [
     "A red sign that reads STOP.", "Small_text: 'open 24 hours' on a door!", "a blue car next to a red sign",

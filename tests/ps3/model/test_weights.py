@@ -10,7 +10,11 @@ from safetensors.torch import load_file, save_file
 
 from ps3.model import CheckpointError, PS3Model, get_preset
 from ps3.model.siglip_hf import PS3_ONLY_PREFIXES, load_siglip_hf
-from ps3.model.weights import export_ps3_checkpoint, load_ps3_checkpoint, preset_from_ps3_config
+from ps3.model.weights import (
+    export_ps3_checkpoint,
+    load_ps3_checkpoint,
+    preset_from_ps3_config,
+)
 
 from .conftest import make_batch
 
