@@ -1,0 +1,160 @@
+"""Elastic resume end to end: real torchrun agents, real kills, checkpoints on disk or S3.
+
+The noop task's data are a pure function of the global sample index, so an interrupted
+run that resumes correctly must end with exactly the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from ps3.tasks.noop import Regressor
+from ps3_platform.backends.local import LocalBackend
+from ps3_platform.runtime.checkpoint import Checkpointer
+from ps3_platform.runtime.state import Counters, ModelAndOptimizer
+from ps3_platform.spec import load_text
+from ps3_platform.testing import SeaweedS3
+
+SPEC = """
+apiVersion: ps3.platform/v1
+kind: TrainingJob
+metadata: {{name: {name}}}
+spec:
+  task: noop
+  resources: {{pool: cpu, procsPerNode: {procs}}}
+  elastic: {{minNodes: 1, maxNodes: 1, maxRestarts: 3}}
+  checkpoint: {{uri: "{uri}", intervalSteps: 5, keep: 2, async: {async_}}}
+  train: {{globalBatch: 8, microBatch: 2, steps: {steps}, optimizer: {{lr: 0.02}}, seed: 3}}
+  data: {{seed: 7}}
+  params: {{stepSeconds: {step_seconds}}}
+  monitoring: {{logEverySteps: 1}}
+"""
+
+
+def _job(name, uri, *, procs=2, steps=30, step_seconds=0.03, async_="false"):
+    return load_text(SPEC.format(name=name, uri=uri, procs=procs, steps=steps, step_seconds=step_seconds,
+                                 async_=async_)).job
+
+
+def _wait_for(predicate, timeout=180.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _steps_logged(backend, name) -> list[dict]:
+    path = backend.run_dir(name) / "train" / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if '"loss"' in line]
+
+
+def _final_state(uri: str, name: str) -> tuple[dict, Counters]:
+    """Model weights and counters of the newest committed checkpoint, read in this process."""
+    model, counters = Regressor(16), Counters()
+    reader = Checkpointer(uri=uri, job=name, stage="train", keep=1, keep_every=None, async_save=False,
+                          rank=0, world_size=1)
+    reader.load({"app": ModelAndOptimizer(model, None), "counters": counters})
+    return model.state_dict(), counters
+
+
+def _run(backend, job) -> None:
+    backend.submit(job, [])
+    assert backend.wait(job.metadata.name, follow=False, poll_s=0.3) == 0, backend.status(job.metadata.name)
+
+
+def test_sigkill_mid_run_resumes_bit_identical(tmp_path):
+    backend, uri = LocalBackend(), f"file://{tmp_path}/ckpt"
+    _run(backend, _job("straight", uri))
+    reference, ref_counters = _final_state(uri, "straight")
+
+    backend.submit(_job("killed", uri), [])
+    _wait_for(lambda: len(_steps_logged(backend, "killed")) >= 12, what="12 steps")
+    os.kill(int((backend.run_dir("killed") / "train" / "rank-1.pid").read_text()), signal.SIGKILL)
+    assert backend.wait("killed", follow=False, poll_s=0.3) == 0
+    resumed, counters = _final_state(uri, "killed")
+
+    assert backend.status("killed").stages[0].restarts >= 1
+    assert counters.resumes >= 1 and counters.step == ref_counters.step == 30
+    assert counters.samples == ref_counters.samples == 30 * 8
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), key
+
+
+def test_world_size_change_keeps_global_batch_and_loss_curve(tmp_path):
+    backend, uri = LocalBackend(), f"file://{tmp_path}/ckpt"
+    _run(backend, _job("straight", uri))
+    straight = {r["step"]: r["loss"] for r in _steps_logged(backend, "straight")}
+
+    backend.submit(_job("shrink", uri, step_seconds=0.1), [])
+    _wait_for(lambda: len(_steps_logged(backend, "shrink")) >= 8, what="8 steps")
+    backend.cancel("shrink")  # SIGTERM: the step finishes, a checkpoint is committed
+    first_half = {r["step"]: r["loss"] for r in _steps_logged(backend, "shrink")}
+    stopped_at = max(first_half)
+    # Same job, one worker instead of two: resources are not part of the spec hash.
+    backend.submit(_job("shrink", uri, procs=1, step_seconds=0.1), [], replace=True)
+    assert backend.wait("shrink", follow=False, poll_s=0.3) == 0
+    second_half = {r["step"]: r["loss"] for r in _steps_logged(backend, "shrink")}
+    _, counters = _final_state(uri, "shrink")
+
+    assert min(second_half) == stopped_at + 1, "resumed at the step after the SIGTERM checkpoint"
+    assert counters.step == 30 and counters.samples == 30 * 8
+    curve = {**first_half, **second_half}
+    for step, loss in straight.items():
+        assert curve[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
+
+
+def test_sigterm_commits_a_checkpoint_and_exits_retryable(tmp_path):
+    """One worker, no agent: SIGTERM -> finish the step, checkpoint, exit 143."""
+    import subprocess
+    import sys
+
+    from ps3_platform.spec import resolved
+
+    uri = f"file://{tmp_path}/ckpt"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps(resolved(_job("term", uri, procs=1, steps=10_000, step_seconds=0.05))))
+    env = {**os.environ, "PS3_RUN_DIR": str(tmp_path / "run"), "PS3_METRICS_PORT": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "ps3_platform.runtime", "--spec", str(spec), "--stage", "train"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "train" / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 3, what="3 steps")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    last_step = [json.loads(line) for line in metrics.read_text().splitlines()][-1]["step"]
+    _, counters = _final_state(uri, "term")
+    assert counters.step == last_step
+    assert "exiting 143 (retryable)" in err
+
+
+def test_s3_outage_of_30s_during_training_is_survived(tmp_path):
+    server = SeaweedS3(tmp_path / "s3").start()
+    try:
+        for key, value in server.env.items():
+            os.environ[key] = value
+        uri = server.make_bucket("ckpt-outage")
+        backend = LocalBackend()
+        backend.submit(_job("outage", uri, steps=60, step_seconds=0.1, async_="true"), [])
+        _wait_for(lambda: len(_steps_logged(backend, "outage")) >= 6, what="first checkpoint")
+        server.stop()
+        time.sleep(30)
+        server.start()
+        assert backend.wait("outage", follow=False, poll_s=0.5) == 0, backend.status("outage")
+        _, counters = _final_state(uri, "outage")
+        assert counters.step == 60
+        logs = "\n".join(backend.logs("outage", rank=0))
+        assert "retry" in logs.lower()
+    finally:
+        server.stop()
+        for key in server.env:
+            os.environ.pop(key, None)
