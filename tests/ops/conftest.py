@@ -9,11 +9,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -65,25 +65,69 @@ def prometheus_bins() -> PrometheusBins:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
-def training_metrics_targets():
-    """STAND-IN: two ranks of job `standin`, stage `pretrain`, served by one subprocess.
+LIVE_JOB = """
+apiVersion: ps3.platform/v1
+kind: TrainingJob
+metadata: {name: live}
+spec:
+  task: ps3_pretrain
+  resources: {pool: cpu, procsPerNode: 2}
+  model: {preset: ps3-tiny}
+  data:
+    sources: [{name: scene, uri: "DATA/scene"}]
+    numWorkers: 0
+    tokenizer: DATA/tokenizer.json
+  train: {globalBatch: 4, steps: 100000, optimizer: {lr: 1.0e-3}}
+  checkpoint: {intervalSteps: 5, keep: 1}
+  monitoring: {logEverySteps: 1}
+"""
 
-    tests/ops/standin_worker.py serves real `ps3_platform.runtime.metrics.Metrics`
-    registries and updates every metric ten times a second, in place of a local training
-    run. Swap this fixture for a real local run (same return type: a list of
-    TrainingTarget) once the local backend can start workers for a test.
+
+def _live_data(root: Path) -> str:
+    """A few small synthetic scenes plus one undecodable image (so bad-sample series exist)."""
+    from ps3.data import ShardWriter, build_index, synth
+    from ps3.model import train_tiny_tokenizer
+    from ps3.tasks.synth import vocabulary_captions
+
+    data = f"file://{root}/data"
+    config = synth.SynthConfig(scene_size=(384, 512), texture=False)
+    with ShardWriter(f"{data}/scene", "scene", samples_per_shard=50) as writer:
+        for i in range(12):
+            image, ext, record = synth.sample("scene", 0, i, config)
+            writer.write(record.key, image, ext, record)
+        writer.write_members("corrupt00000001", {"jpg": b"not a jpeg", "json": record.to_json()})
+    build_index(f"{data}/scene")
+    train_tiny_tokenizer(vocabulary_captions(), f"{data}/tokenizer.json")
+    return data
+
+
+@pytest.fixture(scope="session")
+def training_metrics_targets(tmp_path_factory):
+    """A real local training run: `ps3_pretrain` of the tiny preset on 2 torchrun workers.
+
+    The data hold one corrupt image, so the bad-sample counter has a series; checkpoints
+    every 5 steps give the checkpoint panels data. The run is cancelled at the end.
     """
-    ports = [free_port(), free_port()]
-    proc = subprocess.Popen([sys.executable, str(HERE / "standin_worker.py"), "standin", "pretrain",
-                             *map(str, ports)], stdout=subprocess.PIPE, text=True)
+    from ps3_platform.backends.local import LocalBackend
+    from ps3_platform.spec import load_text
+
+    root = tmp_path_factory.mktemp("live-run")
+    data = _live_data(root)
+    backend = LocalBackend(home=root / "home")
+    job = load_text(LIVE_JOB.replace("DATA", data)).job
+    backend.submit(job, [])
+    state_file = backend.run_dir("live") / "state.json"
+    metrics_log = backend.run_dir("live") / "train" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics_log.exists() and metrics_log.read_text().count("\n") >= 6):
+        if time.time() > deadline or backend.status("live").done:
+            pytest.fail(f"live training run did not start: {backend.status('live')}")
+        time.sleep(0.5)
+    ports = json.loads(state_file.read_text())["stages"]["train"]["metrics_ports"]
     try:
-        if proc.stdout.readline().strip() != "ready":
-            pytest.fail(f"stand-in worker did not start (exit {proc.poll()})")
-        yield [TrainingTarget(f"127.0.0.1:{port}", "standin", "pretrain", rank) for rank, port in enumerate(ports)]
+        yield [TrainingTarget(f"127.0.0.1:{port}", "live", "train", rank) for rank, port in enumerate(ports)]
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        backend.cancel("live")
 
 
 def _series(name: str, labels: dict[str, str], value: float) -> str:
