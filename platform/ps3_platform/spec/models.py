@@ -178,8 +178,11 @@ class Schedule(SpecModel):
 
 
 class NonFinite(SpecModel):
-    policy: Literal["skip", "rollback", "fail"] = Field("skip", description="What a NaN/inf loss does.")
-    max_consecutive: int = Field(3, ge=1, description="After this many in a row, roll back (or fail).")
+    policy: Literal["skip", "rollback", "fail"] = Field(
+        "skip", description="NaN/inf loss: skip the step (fail after maxConsecutive in a row), skip and roll "
+                            "back to the last checkpoint after maxConsecutive in a row, or fail at once."
+    )
+    max_consecutive: int = Field(3, ge=1, description="Non-finite steps in a row before rolling back (or failing).")
 
 
 class Train(SpecModel):

@@ -1,0 +1,50 @@
+"""Every listed metric is on /metrics of a running worker, with job/stage/rank labels."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+from ps3_platform.backends.local import LocalBackend
+from ps3_platform.runtime.metrics import METRICS
+from ps3_platform.spec import load_text
+
+JOB = """
+apiVersion: ps3.platform/v1
+kind: TrainingJob
+metadata: {name: scrape}
+spec:
+  task: sleep
+  resources: {pool: cpu, procsPerNode: 2}
+  train: {globalBatch: 2, steps: 1000}
+  params: {stepSeconds: 0.05}
+  checkpoint: {intervalSteps: 3}
+"""
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def test_every_metric_is_served_by_each_worker(platform_home):
+    backend = LocalBackend()
+    backend.submit(load_text(JOB).job, [])
+    try:
+        log = backend.run_dir("scrape") / "train" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while not (log.exists() and log.read_text().count("\n") >= 4):
+            assert time.time() < deadline, backend.status("scrape")
+            time.sleep(0.2)
+        ports = json.loads((backend.run_dir("scrape") / "state.json").read_text())["stages"]["train"]["metrics_ports"]
+        for rank, port in enumerate(ports):
+            text = _scrape(port)
+            for name, (kind, _, extra) in METRICS.items():
+                assert f"# TYPE {name} {kind}" in text, name
+                if not extra:  # labelled-only families (reason=, gpu=) have series once they happen
+                    sample = f"{name}_count" if kind == "histogram" else name
+                    assert f'{sample}{{job="scrape",rank="{rank}",stage="train"}}' in text, (name, rank)
+            assert "ps3_checkpoint_last_success_timestamp_seconds" in text
+    finally:
+        backend.cancel("scrape")
