@@ -101,7 +101,7 @@ def _live_data(root: Path) -> str:
     return data
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # module: the run must not keep two cores busy for the rest of the suite
 def training_metrics_targets(tmp_path_factory):
     """A real local training run: `ps3_pretrain` of the tiny preset on 2 torchrun workers.
 
@@ -199,7 +199,7 @@ class Exporters:
     ksm_path = "/ksm/metrics"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster_exporters(training_metrics_targets):
     """Serves /dcgm/<node>/metrics and /ksm/metrics on loopback; yields an Exporters."""
     pages = {f"/dcgm/{node}/metrics": dcgm_text(node, training_metrics_targets) for node in NODES}
