@@ -54,15 +54,17 @@ def print_status(status: JobStatus, console: Console | None = None) -> None:
     if status.eval:
         print_eval(status.eval, console)
     if status.checkpoints:
-        console.print(f"checkpoints: {status.checkpoints}")
+        console.print(f"checkpoints: {status.checkpoints}", soft_wrap=True)
 
 
 def print_eval(evaluation: dict, console: Console | None = None) -> None:
     console = console or Console()
     table = Table("EVALUATION", "VALUE", title="evaluation (held-out shards)")
     for key, value in evaluation.items():
-        if isinstance(value, (int, float)):
+        if isinstance(value, float):
             table.add_row(EVAL_LABELS.get(key, key), f"{value:.3f}")
+        elif isinstance(value, int):
+            table.add_row(EVAL_LABELS.get(key, key), str(value))
     console.print(table)
 
 
@@ -80,6 +82,6 @@ def print_summary(status: JobStatus, spec_file: str, console: Console | None = N
     console = console or Console()
     console.print()
     print_status(status, console)
-    console.print(f"logs: platformctl logs {status.name} [--stage S] [--rank R]")
+    console.print(f"logs: platformctl logs {status.name} [--stage S] [--rank R]", soft_wrap=True)
     console.print("run the same pre-training on a cluster: platformctl render jobs/ps3_4k.yaml "
-                  "(then platformctl submit jobs/ps3_4k.yaml --backend kubernetes)")
+                  "(then platformctl submit jobs/ps3_4k.yaml --backend kubernetes)", soft_wrap=True)

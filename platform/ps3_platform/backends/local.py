@@ -119,7 +119,7 @@ class LocalBackend(Backend):
         stages = {s.name: {"phase": "Pending", "task": s.task, "total_steps": s.train.total_steps}
                   for s in stages_of(job)}
         state = {"name": name, "kind": job.kind, "phase": "Pending", "created": time.time(),
-                 "spec_hash": digest, "stages": stages}
+                 "spec_hash": digest, "stages": stages, "order": list(stages)}
         (run_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
         self._start_supervisor(run_dir)
         return SubmitResult(name, True, f"job {name!r} submitted to the local backend (run directory {run_dir})")
@@ -156,7 +156,8 @@ class LocalBackend(Backend):
         phase = state["phase"]
         if phase not in TERMINAL_PHASES and state.get("supervisor_pid") and not _alive(state["supervisor_pid"]):
             phase = "Failed"  # the supervisor died without writing a final phase
-        stages = [self._stage_status(run_dir, stage_name, entry) for stage_name, entry in state["stages"].items()]
+        order = state.get("order", list(state["stages"]))  # state.json's keys are sorted; keep run order
+        stages = [self._stage_status(run_dir, name_, state["stages"][name_]) for name_ in order]
         evaluation = {}
         for stage in stages:
             eval_file = run_dir / stage.name / "eval.json"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,8 @@ def apply_overrides(data: dict, overrides: list[str], positions: dict[tuple, Pos
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise SpecError([SpecIssue("--set", 1, 1, key, f"expected KEY.PATH=VALUE, got {item!r}")])
-        parts: list[Any] = [int(p) if p.isdigit() else p for p in key.split(".")]
+        # a.b[0].c (as Helm and the error messages write it) or a.b.0.c
+        parts: list[Any] = [int(p) if p.isdigit() else p for p in re.split(r"\.|\[(\d+)\]\.?", key) if p]
         target: Any = data
         for i, part in enumerate(parts[:-1]):
             if isinstance(target, list) and isinstance(part, int) and part < len(target):

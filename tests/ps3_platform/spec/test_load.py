@@ -53,6 +53,11 @@ def test_set_overrides_parse_values_as_yaml():
     assert job.spec.data.sources[0].uri == "file:///x"
 
 
+def test_set_overrides_index_lists_both_ways():
+    job = load_text(PIPELINE, overrides=["spec.stages[1].train.steps=5", "spec.stages.2.train.steps=6"]).job
+    assert [s.train.steps for s in job.spec.stages] == [None, 5, 6]
+
+
 def test_set_override_errors_are_reported_as_spec_errors():
     with pytest.raises(SpecError, match="unknown field 'stepz'; did you mean 'steps'"):
         load_text(JOB, overrides=["spec.train.stepz=7"])
