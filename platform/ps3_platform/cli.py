@@ -101,6 +101,9 @@ def cmd_submit(args) -> int:
     backend = make_backend(backend_name, args)
     pools = backend.pools(args.pools) if hasattr(backend, "pools") else load_pools(args.pools)
     loaded = _load_checked(args, pools)
+    if args.allow_spec_change:
+        for stage in _stage_bodies(loaded.job):
+            stage.env = {**stage.env, "PS3_ALLOW_SPEC_CHANGE": "1"}
     objects = []
     if backend_name == "kubernetes":
         from ps3_platform.compile import cluster_warnings
@@ -117,6 +120,10 @@ def cmd_submit(args) -> int:
         print_summary(backend.status(loaded.job.metadata.name), spec_file=args.file)
         return code
     return 0
+
+
+def _stage_bodies(job):
+    return list(job.spec.stages) if job.kind == "Pipeline" else [job.spec]
 
 
 def cmd_status(args) -> int:
@@ -196,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_options(p)
     _cluster_options(p)
     p.add_argument("--replace", action="store_true", help="replace a job of the same name whose spec changed")
+    p.add_argument("--allow-spec-change", action="store_true",
+                   help="let workers resume from checkpoints written under a different spec")
     p.add_argument("--wait", action="store_true", help="follow progress until the job ends")
     p.add_argument("-q", "--quiet", action="store_true", help="with --wait: print only the final summary")
     p.set_defaults(func=cmd_submit)

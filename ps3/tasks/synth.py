@@ -25,6 +25,8 @@ class SynthParams(TaskParams):
     seed: int = 0
     kinds: list[str] = Field(default_factory=lambda: list(synth.KINDS))
     max_side: int | None = Field(None, ge=256, description="Cap on the long side (default: up to 4096).")
+    sign_words: bool = Field(True, description="Scene signs carry a word ('... sign reading cat'); off for models "
+                                               "too small to read, whose captions are then colour + shape.")
 
 
 def vocabulary_captions() -> list[str]:
@@ -38,9 +40,10 @@ def vocabulary_captions() -> list[str]:
 
 def _config(params: SynthParams) -> synth.SynthConfig:
     if params.max_side is None:
-        return synth.SynthConfig()
+        return synth.SynthConfig(sign_words=params.sign_words)
     cap = params.max_side
-    return synth.SynthConfig(scene_size=(min(2048, cap), cap), doc_long_side=(min(1024, cap), cap))
+    return synth.SynthConfig(scene_size=(min(2048, cap), cap), doc_long_side=(min(1024, cap), cap),
+                             sign_words=params.sign_words)
 
 
 def build(ctx: RunContext) -> TaskState:

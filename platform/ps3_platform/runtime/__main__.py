@@ -23,6 +23,8 @@ from .distributed import world_from_env
 from .signals import PREEMPTED_EXIT_CODE
 
 USER_ERROR_EXIT_CODE = 2
+#: Set by `platformctl submit --allow-spec-change` in every stage's env (pods and local workers).
+ALLOW_SPEC_CHANGE_ENV = "PS3_ALLOW_SPEC_CHANGE"
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             raise RunSetupError(f"stage {args.stage!r} is not in {args.spec}")
         plan = plan_batch(stage.train.global_batch, world.world_size, stage.train.micro_batch)
         stage_hash = spec_hash(stage.model_dump(mode="json", by_alias=True))
-        outcome = run_stage(loaded.job, stage, world, plan, log, spec_hash=stage_hash,
-                            allow_spec_change=args.allow_spec_change)
+        allow = args.allow_spec_change or os.environ.get(ALLOW_SPEC_CHANGE_ENV) == "1"
+        outcome = run_stage(loaded.job, stage, world, plan, log, spec_hash=stage_hash, allow_spec_change=allow)
     except (SpecError, BatchPlanError, RunSetupError) as exc:
         log.error("%s", str(exc).replace("\n", "; "))
         return USER_ERROR_EXIT_CODE

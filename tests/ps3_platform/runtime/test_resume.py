@@ -158,3 +158,25 @@ def test_s3_outage_of_30s_during_training_is_survived(tmp_path):
         server.stop()
         for key in server.env:
             os.environ.pop(key, None)
+
+
+def test_fsdp2_and_bf16_run_checkpoint_and_resume(tmp_path):
+    """parallelism: fsdp (FSDP2 fully_shard) with bf16 autocast on 2 gloo workers, resumed onto 1."""
+    backend, uri = LocalBackend(), f"file://{tmp_path}/ckpt"
+    job = load_text(SPEC.format(name="sharded", uri=uri, procs=2, steps=10, step_seconds=0, async_="false"),
+                    overrides=["spec.train.parallelism=fsdp", "spec.train.precision=bf16"]).job
+    _run(backend, job)
+    weights, counters = _final_state(uri, "sharded")
+    assert counters.step == 10 and all(torch.isfinite(w).all() for w in weights.values())
+    longer = load_text(SPEC.format(name="sharded", uri=uri, procs=1, steps=10, step_seconds=0, async_="false"),
+                       overrides=["spec.train.parallelism=fsdp", "spec.train.precision=bf16",
+                                  "spec.train.steps=14"]).job
+    # A longer schedule is a spec change: refused by default (exit 2), accepted when allowed.
+    backend.submit(longer, [], replace=True)
+    assert backend.wait("sharded", follow=False, poll_s=0.3) == 1
+    assert "--allow-spec-change" in "\n".join(backend.logs("sharded"))
+    longer.spec.env = {"PS3_ALLOW_SPEC_CHANGE": "1"}  # what `submit --allow-spec-change` adds
+    backend.submit(longer, [], replace=True)
+    assert backend.wait("sharded", follow=False, poll_s=0.3) == 0
+    _, counters = _final_state(uri, "sharded")
+    assert counters.step == 14 and counters.resumes >= 1
