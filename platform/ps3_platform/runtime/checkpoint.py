@@ -58,6 +58,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem as LocalDcpFileSystem
 from torch.distributed.checkpoint.stateful import Stateful
 
 from .metrics import Metrics
@@ -92,6 +94,10 @@ class CheckpointNotFoundError(CheckpointError):
     """No committed checkpoint (or not the requested step) exists where one was asked for."""
 
 
+class CheckpointCorruptError(CheckpointError):
+    """A file of a committed step does not match the checksum its manifest lists."""
+
+
 class CheckpointUploadError(CheckpointError):
     """A save could not be committed within its retry budget (raised at the next save()/wait())."""
 
@@ -120,14 +126,26 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _dcp(fn, state: dict, **kwargs: Any) -> Any:
-    """dcp.save/dcp.load, single-process when there is no group (without DCP's warning about it)."""
-    if not _distributed():
+def _dcp(fn, state: dict, what: str, **kwargs: Any) -> Any:
+    """dcp.save/dcp.load, single-process when there is no group (without DCP's warning about it).
+
+    DCP reports failures as `CheckpointException`, a BaseException that `except Exception`
+    misses; it becomes a `CheckpointError` (our own, if one of ours is the cause).
+    """
+    try:
+        if _distributed():
+            return fn(state, **kwargs)
         kwargs.pop("process_group", None)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
             return fn(state, no_dist=True, **kwargs)
-    return fn(state, **kwargs)
+    except CheckpointException as exc:
+        causes = [f[0] if isinstance(f, tuple) else f for f in exc.failures.values()]
+        ours = [c for c in causes if isinstance(c, CheckpointError)]
+        if ours:
+            raise ours[0] from exc
+        first = causes[0] if causes else exc
+        raise CheckpointError(f"{what} failed on ranks {sorted(exc.failures)}: {type(first).__name__}: {first}") from exc
 
 
 def _serialize(obj: Any) -> bytes:
@@ -196,6 +214,29 @@ def default_staging_root() -> Path:
     if shm.is_dir() and os.access(shm, os.W_OK):
         return shm
     return Path(tempfile.gettempdir())
+
+
+class _PrefetchingReader(FsspecReader):
+    """DCP reader that downloads the files this rank needs whole, in parallel, then reads locally.
+
+    DCP's fsspec reader issues one ranged read per tensor; from SeaweedFS that measured
+    ~125 MB/s for a 1.1 GB state, against ~2.7 GB/s for DCP reading tmpfs and several
+    hundred MB/s for whole-object downloads. The metadata is still read remotely.
+    """
+
+    def __init__(self, location: Location, step_name: str, fetch, local_dir: Path):
+        super().__init__(location.url_of(step_name), **location.options)
+        self._fetch = fetch
+        self._local_dir = local_dir
+
+    def read_data(self, plan, planner):
+        needed = sorted({self.storage_data[item.storage_index].relative_path for item in plan.items})
+        missing = [name for name in needed if not (self._local_dir / name).exists()]
+        if missing:
+            self._fetch(missing)
+        self.fs = LocalDcpFileSystem()
+        self.path = self._local_dir
+        return super().read_data(plan, planner)
 
 
 @dataclass
@@ -301,21 +342,36 @@ class Checkpointer:
                                         name=f"ps3-ckpt-save-{step}", daemon=True)
         self._thread.start()
 
-    def load(self, state: dict, step: int | None = None) -> tuple[int, dict | None]:
+    def load(self, state: dict, step: int | None = None, *, source: str | None = None) -> tuple[int, dict | None]:
         """Load the newest committed step (or `step`) into `state` in place (resharding as needed).
 
         Returns (step, this rank's `rank_state`), the latter None when the checkpoint was
         written by another world size (per-rank state cannot be mapped across sizes).
+        `source` loads from another stage instead (`checkpoint.initFrom`): the URL of its
+        stage directory (newest committed step) or of one committed `step-N` directory.
         """
         self.wait()
+        if source is not None:
+            other, source_step = self._for_source(source)
+            return other.load(state, source_step if step is None else step)
         chosen = self._agree_on_step(step)
         name = step_dir_name(chosen)
         step_path = self.location.path(name)
         deadline = self._deadline()
         manifest = self._retry(lambda: json.loads(self.location.fs.cat_file(f"{step_path}/{MANIFEST}")),
                                what=f"manifest of step {chosen}", deadline=deadline)
-        reader = FsspecReader(self.location.url_of(name), **self.location.options)
-        _dcp(dcp.load, state, storage_reader=reader)
+        if self.location.is_local:
+            reader = FsspecReader(self.location.url_of(name), **self.location.options)
+            _dcp(dcp.load, state, f"loading step {chosen}", storage_reader=reader)
+        else:
+            local = self._staging_root / f"{self._staging_prefix}-p{os.getpid()}-{chosen:09d}-load"
+            shutil.rmtree(local, ignore_errors=True)
+            fetch = lambda names: self._download(chosen, names, local, deadline, manifest["files"])
+            try:
+                reader = _PrefetchingReader(self.location, name, fetch, local)
+                _dcp(dcp.load, state, f"loading step {chosen}", storage_reader=reader)
+            finally:
+                shutil.rmtree(local, ignore_errors=True)
         rank_state = None
         own = rank_state_name(self.rank)
         if manifest.get("world_size") == self.world_size and own in manifest["files"]:
@@ -325,6 +381,41 @@ class Checkpointer:
             rank_state = torch.load(io.BytesIO(data), weights_only=False)
         log.info("loaded checkpoint %s", self.location.url_of(name))
         return chosen, rank_state
+
+    def _for_source(self, url: str) -> tuple[Checkpointer, int | None]:
+        """A read-only twin of this checkpointer pointed at another stage's directory."""
+        parts = url.rstrip("/").rsplit("/", 1)
+        step = None
+        if len(parts) == 2 and (match := _STEP_DIR.match(parts[1])):
+            url, step = parts[0], int(match.group(1))
+        base, job, stage = (url.rstrip("/").rsplit("/", 2) + ["", ""])[:3]
+        if not job or not stage or base.endswith(":/"):
+            raise CheckpointNotFoundError(f"checkpoint source {url!r} is not a .../<job>/<stage>[/step-N] URL")
+        twin = Checkpointer(uri=base, job=job, stage=stage, keep=self.keep, keep_every=None, async_save=False,
+                            rank=self.rank, world_size=self.world_size, metrics=self.metrics,
+                            retry_budget_s=self.policy.budget_s, staging_dir=self._staging_root,
+                            io_threads=self.io_threads, storage_options=self.location.options or None)
+        return twin, step
+
+    def _download(self, step: int, names: list[str], local: Path, deadline: float, listed: dict) -> None:
+        """Fetch whole files of a step into `local`, in parallel, each with retries, and check
+        them against the manifest's sha256 (cheap next to the download itself)."""
+        step_path = self.location.path(step_dir_name(step))
+
+        def fetch(name: str) -> None:
+            target = local / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            digest = self._retry(lambda: self.location.download(f"{step_path}/{name}", target),
+                                 what=f"download of {name} (step {step})", deadline=deadline)
+            expected = listed.get(name, {}).get("sha256")
+            if expected is not None and digest != expected:
+                raise CheckpointCorruptError(
+                    f"checkpoint step {step}: {name} does not match the sha256 in its manifest "
+                    f"({self.location.url_of(step_dir_name(step), name)}); load an older step with step=..."
+                )
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.io_threads, len(names)))) as pool:
+            list(pool.map(fetch, names))
 
     def wait(self) -> None:
         """Block until the in-flight upload is committed; raise its failure if it was not."""
@@ -352,7 +443,7 @@ class Checkpointer:
         try:
             writer = FileSystemWriter(local, single_file_per_rank=True, sync_files=False,
                                       thread_count=self.io_threads, overwrite=True)
-            metadata = _dcp(dcp.save, state, storage_writer=writer, process_group=group)
+            metadata = _dcp(dcp.save, state, f"staging step {step}", storage_writer=writer, process_group=group)
             if rank_bytes is not None:
                 (local / rank_state_name(self.rank)).write_bytes(rank_bytes)
             files = {p.relative_to(local).as_posix(): p.stat().st_size for p in local.rglob("*") if p.is_file()}
@@ -604,7 +695,7 @@ class Checkpointer:
 
     def _remove_stale_staging(self, include_own: bool = False) -> None:
         """Drop staged copies left by dead processes of this rank (tmpfs space is memory)."""
-        pattern = re.compile(re.escape(self._staging_prefix) + r"-p(\d+)-\d{9}$")
+        pattern = re.compile(re.escape(self._staging_prefix) + r"-p(\d+)-\d{9}")
         for root in {self._staging_root, Path(tempfile.gettempdir())}:
             for path in root.glob(f"{self._staging_prefix}-p*"):
                 if not (match := pattern.match(path.name)):

@@ -8,6 +8,7 @@ come from the environment, which in cluster is filled from the Secret the spec n
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ import fsspec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_STREAM_BLOCK = 16 << 20  # bytes per read when streaming objects (s3fs fetches ahead by this much)
 
 #: Errors a retry cannot fix: a bug or a malformed URL on our side. Everything else is
 #: retried until the budget runs out, including "access denied" and "no such bucket": a
@@ -88,6 +90,18 @@ class Location:
         if self.is_local:
             self.fs.makedirs(self.fs._parent(path), exist_ok=True)
         self.fs.put_file(str(local), path)
+
+    def download(self, path: str, local: Path) -> str:
+        """Stream an object to a local file (one sequential read) and return its sha256."""
+        digest = hashlib.sha256()
+        # A cached listing may hold an older ETag of an overwritten object (s3fs then raises
+        # FileExpired on every read); always ask the store afresh.
+        self.fs.invalidate_cache(path)
+        with self.fs.open(path, "rb", block_size=_STREAM_BLOCK) as src, local.open("wb") as dst:
+            while chunk := src.read(_STREAM_BLOCK):
+                digest.update(chunk)
+                dst.write(chunk)
+        return digest.hexdigest()
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a small object; on local disks via rename so a crash never leaves half a file."""

@@ -26,6 +26,7 @@ from ps3_platform.runtime import storage
 from ps3_platform.runtime.checkpoint import (
     MANIFEST,
     Checkpointer,
+    CheckpointCorruptError,
     CheckpointNotFoundError,
     CheckpointUploadError,
     retention_plan,
@@ -181,6 +182,41 @@ def test_resaving_a_step_uncommits_the_stale_manifest_first(tmp_path, monkeypatc
     fresh, fresh_state = tiny_state(seed=9)
     assert ck.load(fresh_state)[0] == 5
     assert torch.equal(fresh.weight, expected)
+
+
+def test_load_from_s3_checks_the_sha256_of_what_it_downloads(s3_server):
+    uri = s3_server.make_bucket("ckpt-sha")
+    ck = checkpointer(uri)
+    ck.save(1, tiny_state()[1])
+    fs = s3_server.filesystem(skip_instance_cache=True)
+    shards = fs.glob("ckpt-sha/job/stage/step-000000001/*.distcp", detail=True)
+    shard = max(shards, key=lambda path: shards[path]["size"])
+    data = bytearray(fs.cat_file(shard))
+    data[len(data) // 2] ^= 0xFF  # same size: listing checks cannot see it
+    fs.pipe_file(shard, bytes(data))
+    assert ck.latest_committed() == 1
+    with pytest.raises(CheckpointCorruptError, match="does not match the sha256"):
+        ck.load(tiny_state(seed=2)[1])
+
+
+def test_load_from_another_stage_by_url(tmp_path):
+    """`checkpoint.initFrom`: a stage or step directory of another stage."""
+    first = checkpointer(f"file://{tmp_path}", stage="pretrain")
+    model, state = tiny_state(seed=0)
+    first.save(10, state)
+    at_10 = model.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    first.save(20, state)
+    second = checkpointer(f"file://{tmp_path}", stage="finetune")
+    fresh, fresh_state = tiny_state(seed=6)
+    assert second.load(fresh_state, source=f"file://{tmp_path}/job/pretrain")[0] == 20
+    assert torch.equal(fresh.weight, model.weight)
+    assert second.load(fresh_state, source=f"file://{tmp_path}/job/pretrain/{step_dir_name(10)}")[0] == 10
+    assert torch.equal(fresh.weight, at_10)
+    assert second.latest_committed() is None  # nothing was written to the new stage
+    with pytest.raises(CheckpointNotFoundError, match="step 30"):
+        second.load(fresh_state, source=f"file://{tmp_path}/job/pretrain/{step_dir_name(30)}")
 
 
 # ---- async ---------------------------------------------------------------------------------
