@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from ps3_platform.runtime.checkpoint import Checkpointer
 from ps3_platform.runtime.state import ModelAndOptimizer
 from ps3_platform.testing import SeaweedS3
+from torch import nn
 
 WIDTH = 2048  # each layer: 2048 x 2048 weights + bias, fp32
 

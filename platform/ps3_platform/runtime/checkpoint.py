@@ -57,6 +57,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+
+# Private DCP helpers (also behind DCP's own async stager; present from torch 2.3 to 2.14).
+from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem as LocalDcpFileSystem
@@ -64,9 +67,6 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from .metrics import Metrics
 from .storage import Location, RetryPolicy, StorageError, open_location, retry
-
-# Private DCP helpers (also behind DCP's own async stager; present from torch 2.3 to 2.14).
-from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 
 try:
     from torch.distributed._state_dict_utils import CompanionMismatch

@@ -162,7 +162,7 @@ def retry(fn: Callable[[], T], *, what: str, deadline: float, policy: RetryPolic
             if on_failure is not None:
                 on_failure(what, exc, attempt, None)
             raise StorageError(f"{what} failed permanently: {type(exc).__name__}: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - everything else is transient by policy
+        except Exception as exc:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if on_failure is not None:

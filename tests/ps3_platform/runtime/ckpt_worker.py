@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from ps3_platform.runtime import storage
 from ps3_platform.runtime.checkpoint import Checkpointer
 from ps3_platform.runtime.state import Counters, ModelAndOptimizer, rng_state
+from torch import nn
 
 JOB = "ckpt-test"
 

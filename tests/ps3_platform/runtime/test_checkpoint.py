@@ -19,14 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from ps3_platform.ports import free_port
 from ps3_platform.runtime import storage
 from ps3_platform.runtime.checkpoint import (
     MANIFEST,
-    Checkpointer,
     CheckpointCorruptError,
+    Checkpointer,
     CheckpointNotFoundError,
     CheckpointUploadError,
     retention_plan,
@@ -34,8 +32,15 @@ from ps3_platform.runtime.checkpoint import (
 )
 from ps3_platform.runtime.metrics import Metrics
 from ps3_platform.runtime.state import ModelAndOptimizer
-from ps3_platform.runtime.storage import RetryPolicy, StorageError, open_location, retry, storage_options
+from ps3_platform.runtime.storage import (
+    RetryPolicy,
+    StorageError,
+    open_location,
+    retry,
+    storage_options,
+)
 from ps3_platform.testing import SeaweedS3
+from torch import nn
 
 WORKER = Path(__file__).with_name("ckpt_worker.py")
 
@@ -61,8 +66,8 @@ def tiny_state(seed: int = 0) -> tuple[nn.Module, dict]:
 
 
 def checkpointer(uri: str, **overrides) -> Checkpointer:
-    options = dict(uri=uri, job="job", stage="stage", keep=3, keep_every=None, async_save=False,
-                   rank=0, world_size=1)
+    options = {"uri": uri, "job": "job", "stage": "stage", "keep": 3, "keep_every": None,
+               "async_save": False, "rank": 0, "world_size": 1}
     options.update(overrides)
     return Checkpointer(**options)
 
@@ -127,7 +132,7 @@ def test_file_layout_has_every_rank_shards_and_a_manifest_listing_them(file_roun
 def test_manifest_with_missing_or_resized_file_is_not_committed(tmp_path):
     uri = f"file://{tmp_path}"
     ck = checkpointer(uri)
-    model, state = tiny_state()
+    _, state = tiny_state()
     for step in (1, 2):
         ck.save(step, state)
     assert ck.latest_committed() == 2
