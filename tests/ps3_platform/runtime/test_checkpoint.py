@@ -27,6 +27,7 @@ from ps3_platform.runtime.checkpoint import (
     Checkpointer,
     CheckpointNotFoundError,
     CheckpointUploadError,
+    default_staging_root,
     retention_plan,
     step_dir_name,
 )
@@ -294,8 +295,11 @@ def test_killed_mid_upload_leaves_a_partial_step_that_is_skipped_then_cleaned(s3
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    leftover = list(default_staging_root().glob(f"ps3-ckpt-ckpt-test-kill-r0-p{proc.pid}-*"))
+    assert leftover  # the killed process left its staged copy behind (tmpfs is memory) ...
     ck = Checkpointer(uri=uri, job="ckpt-test", stage="kill", keep=5, keep_every=None, async_save=False,
                       rank=0, world_size=1)
+    assert not any(path.exists() for path in leftover)  # ... which the next run removes
     fs = s3_server.filesystem(skip_instance_cache=True)
     partial = "ckpt-kill/ckpt-test/kill/step-000000002"
     assert fs.ls(partial) and not fs.exists(f"{partial}/{MANIFEST}")
