@@ -152,8 +152,11 @@ def test_s3_outage_of_30s_during_training_is_survived(tmp_path):
         assert backend.wait("outage", follow=False, poll_s=0.5) == 0, backend.status("outage")
         _, counters = _final_state(uri, "outage")
         assert counters.step == 60
-        logs = "\n".join(backend.logs("outage", rank=0))
-        assert "retry" in logs.lower()
+        # Whichever rank was uploading when the store went away logs its retries; a rank
+        # whose files were already up only waits for the manifest, so read every rank.
+        logs = "\n".join(backend.logs("outage"))
+        assert "failed (attempt 1), retrying in" in logs
+        assert "giving up" not in logs
     finally:
         server.stop()
         for key in server.env:
