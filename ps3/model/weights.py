@@ -81,7 +81,8 @@ def preset_from_ps3_config(cfg: dict[str, Any], source: str = "config.json") -> 
     sel = {k: v.get(f"highres_selection_module_{k}", d) for k, d in _SEL_DEFAULTS.items()}
     return PS3Preset(
         name=cfg.get("_name_or_path") or "ps3-checkpoint", scales=scales, select_layers=tuple(v["select_based_on_layer"]),
-        max_select_num=v.get("max_select_num", 1280),  # PS3VisionConfig's default separate_pos_emb=v.get("separate_pos_emb", True),
+        max_select_num=v.get("max_select_num", 1280),  # PS3VisionConfig's default
+        separate_pos_emb=v.get("separate_pos_emb", True),
         # The released branch always sees a 1512 view and uses head 0 for every scale.
         selection_view_size=v.get("selection_view_size", 1512),
         share_first_selection_head=v.get("share_first_selection_head", True),

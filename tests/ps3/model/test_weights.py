@@ -165,6 +165,16 @@ def test_released_4k_config_rebuilds_the_released_architecture():
         assert key in names, key
 
 
+def test_released_config_without_separate_pos_emb_has_no_residual_tables():
+    shared = json.loads(json.dumps(RELEASED_4K))
+    shared["vision_config"]["separate_pos_emb"] = False
+    preset = preset_from_ps3_config(shared)
+    assert preset.separate_pos_emb is False
+    with torch.device("meta"):
+        model = PS3Model(preset)
+    assert _count(model, "vision_model.pos_emb_residual.") == 0
+
+
 def test_other_architectures_are_clear_errors(tmp_path):
     _, siglip = _hf_siglip(tmp_path)
     with pytest.raises(CheckpointError, match=r"is not a PS3 checkpoint \(model_type 'siglip'; expected 'ps3'"):
