@@ -82,11 +82,19 @@ def cmd_render(args) -> int:
     pools = load_pools(args.pools)
     loaded = _load_checked(args, pools)
     objects = _compile(loaded, pools, args.namespace)
+    _print_cluster_warnings(loaded.job)
     if args.output == "json":
         print(json.dumps(objects, indent=2, sort_keys=True))
     else:
         sys.stdout.write(to_yaml(objects))
     return 0
+
+
+def _print_cluster_warnings(job) -> None:
+    from ps3_platform.compile import cluster_warnings
+
+    for warning in cluster_warnings(job):
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_schema(args) -> int:
@@ -106,11 +114,8 @@ def cmd_submit(args) -> int:
             stage.env = {**stage.env, "PS3_ALLOW_SPEC_CHANGE": "1"}
     objects = []
     if backend_name == "kubernetes":
-        from ps3_platform.compile import cluster_warnings
-
         objects = _compile(loaded, pools, args.namespace)
-        for warning in cluster_warnings(loaded.job):
-            print(f"warning: {warning}", file=sys.stderr)
+        _print_cluster_warnings(loaded.job)
     result = backend.submit(loaded.job, objects, replace=args.replace)
     print(result.message)
     if args.wait:

@@ -28,6 +28,13 @@ def _stage_issues(loaded: LoadedSpec, stage: StageBody, prefix: tuple, pools: Po
             prefix + ("resources", "gpusPerNode"),
             f"pool {res.pool!r} has {pool.gpus_per_node} GPUs per node, the stage asks for {res.gpus_per_node}",
         ))
+    elif pool.gpus_per_node and not res.gpus_per_node:
+        # Otherwise the pod lands on (and taints away) a GPU node without requesting a GPU.
+        issues.append(loaded.issue(
+            prefix + ("resources", "pool"),
+            f"pool {res.pool!r} is a GPU pool ({pool.gpus_per_node} per node) but resources.gpusPerNode is 0; "
+            f"set gpusPerNode (1-{pool.gpus_per_node}) or use a CPU pool",
+        ))
     node_counts = {res.nodes}
     if stage.elastic:
         node_counts |= {stage.elastic.min_nodes, stage.elastic.max_nodes}
