@@ -149,3 +149,22 @@ class SourceIndex:
 
     def describe(self) -> str:
         return fs_uri(self.fs, self.path)
+
+    def probe_long_sides(self, samples: int = 8) -> list[int]:
+        """Long image sides (json width/height) of up to `samples` samples spread over the source.
+
+        A start-up check reads these few small json members to tell whether the data
+        ever reaches a preset's top scale; unreadable ones are skipped (the loader counts them).
+        """
+        sides = []
+        for i in sorted({len(self) * k // samples for k in range(samples)}):
+            try:
+                shard_path, entry = self.locate(i)
+                if entry.json is None:
+                    continue
+                offset, size = entry.json
+                obj = json.loads(self.fs.cat_file(shard_path, start=offset, end=offset + size))
+                sides.append(max(int(obj["width"]), int(obj["height"])))
+            except (OSError, ValueError, KeyError, TypeError, IndexError):
+                continue
+        return sides

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from ps3.data import DataSourceError, build_loader
+from ps3.data import DataSourceError, SamplingError, SourceIndex, build_loader
 from ps3.model import (
     CheckpointError,
     PresetError,
@@ -111,8 +111,28 @@ def loader_for(ctx: RunContext, preset: PS3Preset, tokenizer, sources, *, global
             context_length=preset.text_context_length, tokenize=tokenizer,
             num_workers=ctx.stage.data.num_workers, global_caption_fraction=global_caption_fraction,
         )
-    except DataSourceError as exc:
-        raise TaskSetupError(str(exc)) from None
+    except (DataSourceError, SamplingError) as exc:
+        raise TaskSetupError(f"spec data: {exc}") from None
+
+
+def check_data_reaches_preset(preset: PS3Preset, sources, probe: int = 8) -> None:
+    """The preset's top scale must be one the data comes near (within 2x), or it only upsamples.
+
+    A few json members per source tell the image sizes; all sources together are judged,
+    since low-res web images beside high-res documents are the paper's own mix.
+    """
+    top, sides = preset.scales[-1], []
+    for source in sources:
+        try:
+            sides += SourceIndex.open(source.uri).probe_long_sides(probe)
+        except (DataSourceError, OSError, ValueError):
+            continue  # the loader reports unreadable sources
+    if sides and 2 * max(sides) < top:
+        raise TaskSetupError(
+            f"spec model.preset {preset.name} encodes up to {top} px, but the largest of {len(sides)} sampled "
+            f"images in data.sources has a long side of {max(sides)} px: pick a preset whose top scale the data "
+            "reaches (e.g. ps3-1.5k-siglip for images around 1.5K), or higher-resolution data"
+        )
 
 
 def init_weights(model: PS3Model, uri: str | None) -> None:
@@ -125,6 +145,8 @@ def init_weights(model: PS3Model, uri: str | None) -> None:
     except FileNotFoundError:
         raise TaskSetupError(f"spec model.initFrom {uri}: no config.json there (expected a SigLIP or PS3 "
                              "checkpoint directory)") from None
+    except (OSError, ValueError) as exc:  # unreachable store, unreadable or malformed JSON
+        raise TaskSetupError(f"spec model.initFrom {uri}: cannot read config.json: {exc}") from None
     try:
         if config.get("model_type") == "siglip":
             load_siglip_hf(model, uri, allow_gelu_mismatch=True)

@@ -17,6 +17,7 @@ from ps3_platform.runtime.task import RunContext, StepResult, TaskState
 from .common import (
     PretrainParams,
     check_batch_fits,
+    check_data_reaches_preset,
     init_weights,
     loader_for,
     parse_params,
@@ -40,6 +41,7 @@ def build(ctx: RunContext) -> TaskState:
     params: PretrainParams = parse_params(PretrainParams, ctx)
     preset = preset_for(ctx, params.max_selected_patches)
     check_batch_fits(preset, ctx.batch.micro_batch, params.max_tokens_per_micro_batch)
+    check_data_reaches_preset(preset, ctx.stage.data.sources)
     tokenizer = tokenizer_for(ctx, preset)
     model = PS3Model(preset)
     init_weights(model, ctx.stage.model.init_from)

@@ -44,7 +44,7 @@ class RunState:
 
 def torchrun_command(run_dir: Path, stage_name: str, nproc: int, max_restarts: int, port: int) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "ps3_platform.runtime.launch",  # torchrun, exiting 143 when stopped
         "--nnodes=1", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={stage_name}",
         "--monitor-interval=0.5",

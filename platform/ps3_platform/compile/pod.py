@@ -22,20 +22,33 @@ SHM_VOLUME = "dshm"
 RUN_AS_ID = 1000
 #: Environment the compiler derives from spec.storage (a stage's env may not set these).
 PLATFORM_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+
+
+#: Seconds of the termination grace kept back for the agent itself after the workers stop.
+AGENT_SHUTDOWN_MARGIN = 10
 
 
 def command(stage_name: str) -> list[str]:
-    return ["torchrun", "--module", "ps3_platform.runtime", "--spec", SPEC_PATH, "--stage", stage_name]
+    """torchrun through `ps3_platform.runtime.launch`, so a preempted pod exits 143 (retryable), not 1."""
+    return ["python", "-m", "ps3_platform.runtime.launch",
+            "--module", "ps3_platform.runtime", "--spec", SPEC_PATH, "--stage", stage_name]
 
 
-def _env(job: JobSpec, stage: Stage) -> list[dict]:
-    """Stage env (sorted, so output is stable) then storage settings; credentials only by reference."""
+def _env(job: JobSpec, stage: Stage, grace_seconds: int) -> list[dict]:
+    """Stage env (sorted, so output is stable), the agent's shutdown timeout, then storage settings.
+
+    Credentials only by reference. The shutdown timeout is how long torchrun lets workers
+    finish their SIGTERM checkpoint before it kills them: most of the pod's grace period.
+    """
     storage = storage_of(job)
     clash = sorted(set(stage.env) & set(PLATFORM_ENV))
     if clash:
         raise CompileError(f"stage {stage.name!r}: env {', '.join(clash)} is set by the platform from spec.storage; "
                            "remove it from env")
     env = [{"name": k, "value": v} for k, v in sorted(stage.env.items())]
+    if SHUTDOWN_TIMEOUT_ENV not in stage.env:  # a stage may choose its own
+        env.append({"name": SHUTDOWN_TIMEOUT_ENV, "value": str(max(1, grace_seconds - AGENT_SHUTDOWN_MARGIN))})
     if storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
     if storage.region:
@@ -75,13 +88,13 @@ def _resources(stage: Stage, pool: Pool) -> dict:
     return out
 
 
-def _container(job: JobSpec, stage: Stage, pool: Pool, image: str) -> dict:
+def _container(job: JobSpec, stage: Stage, pool: Pool, image: str, grace_seconds: int) -> dict:
     container = {
         "name": CONTAINER_NAME,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": command(stage.name),
-        "env": _env(job, stage),
+        "env": _env(job, stage, grace_seconds),
         "ports": _ports(stage),
         "volumeMounts": [spec_mount(), {"name": SHM_VOLUME, "mountPath": "/dev/shm"}],
         "securityContext": {
@@ -93,8 +106,6 @@ def _container(job: JobSpec, stage: Stage, pool: Pool, image: str) -> dict:
     }
     if resources := _resources(stage, pool):
         container["resources"] = resources
-    if not container["env"]:
-        del container["env"]
     return container
 
 
@@ -111,7 +122,7 @@ def pod_template(job: JobSpec, stage: Stage, pool: Pool, labels: dict[str, str],
             "fsGroup": RUN_AS_ID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [_container(job, stage, pool, options.image_for(image))],
+        "containers": [_container(job, stage, pool, options.image_for(image), options.termination_grace_seconds)],
         "volumes": [
             spec_volume(job.metadata.name),
             {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": str(stage.resources.shm_size)}},

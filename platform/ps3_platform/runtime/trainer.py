@@ -235,14 +235,17 @@ class Trainer:
         m.get("ps3_step").set(step)
         m.get("ps3_samples_total").inc(stats.samples)
         m.get("ps3_samples_per_second").set(samples_per_s)
-        m.get("ps3_tokens_per_second").set(stats.tokens * self.world.world_size / stats.seconds)
+        tokens_per_s = stats.tokens * self.world.world_size / stats.seconds
+        m.get("ps3_tokens_per_second").set(tokens_per_s)
         m.get("ps3_loss").set(stats.loss)
         m.get("ps3_learning_rate").set(lr)
         m.get("ps3_grad_norm").set(stats.grad_norm)
         m.get("ps3_data_wait_seconds_total").inc(stats.data_wait)
+        mfu = None
         if self.task.flops_per_sample:
             achieved = self.task.flops_per_sample * samples_per_s
-            m.get("ps3_mfu").set(achieved / (self.world.world_size * _peak_flops(self.world.device)))
+            mfu = achieved / (self.world.world_size * _peak_flops(self.world.device))
+            m.get("ps3_mfu").set(mfu)
         if self.task.bad_sample_counts is not None:
             for reason, count in self.task.bad_sample_counts().items():
                 new = count - self._bad_reported.get(reason, 0)
@@ -253,7 +256,9 @@ class Trainer:
             record = {"step": step, "total": self.total_steps, "loss": round(stats.loss, 6), "lr": lr,
                       "grad_norm": round(stats.grad_norm, 4), "samples": self.counters.samples,
                       "samples_per_s": round(samples_per_s, 3), "step_seconds": round(stats.seconds, 4),
-                      "data_wait_s": round(stats.data_wait, 4), **stats.extra}
+                      "data_wait_s": round(stats.data_wait, 4), "tokens_per_s": round(tokens_per_s, 1),
+                      **({"mfu": round(mfu, 6)} if mfu is not None else {}),
+                      **({"bad_samples": dict(self._bad_reported)} if self._bad_reported else {}), **stats.extra}
             self.log.write(record)
             self.ctx.log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step, self.total_steps,
                               stats.loss, lr, samples_per_s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -69,3 +70,30 @@ def test_batch_too_large_for_the_selected_patch_budget(tmp_path, data):
 def test_preset_patch_budget_above_the_paper_cap(tmp_path, data):
     code, err = _run(tmp_path, data, params="{maxSelectedPatches: 5000}")
     assert code == 2 and "params.maxSelectedPatches" in err
+
+
+def test_malformed_init_config_is_one_line(tmp_path, data):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    code, err = _run(tmp_path, data, init=f"file://{tmp_path}/broken")
+    assert code == 2 and "cannot read config.json" in err and "Traceback" not in err
+
+
+def test_global_batch_larger_than_the_data(tmp_path, data):
+    code, err = _run(tmp_path, data, batch=8)  # the fixture holds 4 scenes
+    assert code == 2 and "spec data:" in err and "Traceback" not in err
+
+
+def test_preset_whose_top_scale_the_data_never_reaches(tmp_path, data):
+    """The fixture's scenes are 256-384 px: a top scale of 1024 is more than twice what they reach."""
+    spec = SPEC.replace("preset: ps3-tiny,", "preset: ps3-tiny-4s, overrides: {{scales: [64, 128, 256, 1024]}},")
+    job = load_text(spec.format(init="null", data=data, batch=2, params="{}")).job
+    path = tmp_path / "spec.yaml"
+    path.write_text(json.dumps(resolved(job)))
+    env = {**os.environ, "PS3_RUN_DIR": str(tmp_path / "run"), "PS3_METRICS_PORT": "0"}
+    proc = subprocess.run([sys.executable, "-m", "ps3_platform.runtime", "--spec", str(path), "--stage", "train"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "encodes up to 1024 px" in proc.stderr
+    assert re.search(r"images in data.sources has a long side of (2[5-9]\d|3[0-8]\d) px", proc.stderr)
+    assert "Traceback" not in proc.stderr

@@ -79,8 +79,8 @@ def test_nproc_per_node_is_a_string(resources, nproc):
 def test_container_command_and_ports():
     container = pod_of(compile_one(job_yaml()))["containers"][0]
     assert container["name"] == "pytorch"
-    assert container["command"] == ["torchrun", "--module", "ps3_platform.runtime", "--spec",
-                                    "/etc/ps3-platform/spec.yaml", "--stage", "train"]
+    assert container["command"] == ["python", "-m", "ps3_platform.runtime.launch", "--module", "ps3_platform.runtime",
+                                    "--spec", "/etc/ps3-platform/spec.yaml", "--stage", "train"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"pytorchjob-port": 23456, "metrics": 9464}
 
@@ -176,6 +176,7 @@ def test_storage_credentials_only_by_secret_reference():
     env = pod_of(compile_one(job_yaml(extra=extra)))["containers"][0]["env"]
     assert env == [
         {"name": "FOO", "value": "bar"},
+        {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": "110"},
         {"name": "AWS_ENDPOINT_URL", "value": "http://s3.local:9000"},
         {"name": "AWS_REGION", "value": "eu-west-1"},
         {"name": "AWS_DEFAULT_REGION", "value": "eu-west-1"},
@@ -183,6 +184,16 @@ def test_storage_credentials_only_by_secret_reference():
         {"name": "AWS_SECRET_ACCESS_KEY",
          "valueFrom": {"secretKeyRef": {"name": "my-s3", "key": "AWS_SECRET_ACCESS_KEY"}}},
     ]
+
+
+def test_agent_shutdown_timeout_leaves_the_workers_most_of_the_grace_period():
+    def timeout_of(options=None, extra=""):
+        env = pod_of(compile_one(job_yaml(extra=extra), options))["containers"][0]["env"]
+        return [e["value"] for e in env if e["name"] == "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]
+
+    assert timeout_of() == ["110"]
+    assert timeout_of(CompileOptions(termination_grace_seconds=600)) == ["590"]
+    assert timeout_of(extra="  env: {TORCH_ELASTIC_SHUTDOWN_TIMEOUT: '45'}") == ["45"]
 
 
 def test_env_may_not_shadow_platform_storage_settings():

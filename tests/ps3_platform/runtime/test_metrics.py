@@ -46,5 +46,14 @@ def test_every_metric_is_served_by_each_worker(platform_home):
                     sample = f"{name}_count" if kind == "histogram" else name
                     assert f'{sample}{{job="scrape",rank="{rank}",stage="train"}}' in text, (name, rank)
             assert "ps3_checkpoint_last_success_timestamp_seconds" in text
+            # values move, not just series that exist from the start at 0
+            values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("ps3_") and f'rank="{rank}"' in line}
+            for name in ("ps3_step", "ps3_samples_per_second", "ps3_tokens_per_second", "ps3_learning_rate"):
+                assert values[name] > 0, (name, rank)
+        record = json.loads(log.read_text().splitlines()[-1])
+        for field in ("step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "step_seconds",
+                      "data_wait_s"):
+            assert field in record, field
     finally:
         backend.cancel("scrape")

@@ -137,6 +137,37 @@ def test_sigterm_commits_a_checkpoint_and_exits_retryable(tmp_path):
     assert "exiting 143 (retryable)" in err
 
 
+def test_sigterm_to_the_pod_launcher_exits_retryable_after_the_checkpoint(tmp_path):
+    """What a preempted pod runs: torchrun (via ps3_platform.runtime.launch) gets SIGTERM.
+
+    Plain torchrun would exit 1 here, which the ExitCode restart policy treats as permanent.
+    """
+    import subprocess
+    import sys
+
+    from ps3_platform.ports import free_port
+    from ps3_platform.spec import resolved
+
+    uri = f"file://{tmp_path}/ckpt"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps(resolved(_job("preempt", uri, procs=2, steps=10_000, step_seconds=0.05))))
+    env = {**os.environ, "PS3_RUN_DIR": str(tmp_path / "run"), "PS3_METRICS_PORT": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ps3_platform.runtime.launch", "--nnodes=1", "--nproc-per-node=2",
+         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--monitor-interval=0.5",
+         "--module", "ps3_platform.runtime", "--spec", str(spec), "--stage", "train"],
+        env=env, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "train" / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 3, what="3 steps")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM; exiting 143 (retryable)" in err
+    last_step = [json.loads(line) for line in metrics.read_text().splitlines()][-1]["step"]
+    _, counters = _final_state(uri, "preempt")
+    assert counters.step == last_step
+
+
 def test_s3_outage_of_30s_during_training_is_survived(tmp_path):
     server = SeaweedS3(tmp_path / "s3").start()
     try:
