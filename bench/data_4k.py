@@ -67,7 +67,7 @@ def run_plain(uri: str, n: int) -> float:
         image, raw = read_sample_bytes(index.fs, path, entry)
         record = parse_record(entry.key, raw)
         box = None if slot.is_global else record.boxes[0]
-        sample_tensors(PlainPixels(plain_decode(image)), record.width, record.height, box, views)
+        sample_tensors(PlainPixels(plain_decode(image)), record.width, record.height, box, views, record.boxes)
     return time.perf_counter() - started
 
 

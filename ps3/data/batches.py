@@ -133,7 +133,8 @@ class MicroBatchMaker:
                 raise BadSample("no_boxes", entry.key)
             j = int(np.random.default_rng(slot.seed).integers(len(record.boxes)))
             caption, box = record.captions[j], clip_box(record.boxes[j], record.width, record.height)
-        tensors = sample_tensors(FastPixels(dec), record.width, record.height, box, self.views)
+        every_box = [clip_box(b, record.width, record.height) for b in record.boxes]
+        tensors = sample_tensors(FastPixels(dec), record.width, record.height, box, self.views, every_box)
         ref = self.sources[slot.source]
         return Pair(tensors, caption, slot.is_global, ref.id_base | idx, ref.position)
 
@@ -158,7 +159,7 @@ def collate(pairs: list[Pair]) -> dict:
         "sample_id": torch.tensor([p.sample_id for p in pairs], dtype=torch.long),  # [B]
         "source": torch.tensor([p.source for p in pairs], dtype=torch.long),  # [B]
     }
-    for key in ("gt_maps", "highres", "hr_index", "hr_patches"):
+    for key in ("gt_maps", "saliency_maps", "highres", "hr_index", "hr_patches"):
         if first[key]:
             batch[key] = [torch.stack([p.tensors[key][s] for p in pairs]) for s in range(len(first[key]))]
     return batch

@@ -12,6 +12,7 @@ scores) so that only a window around the box has to be resampled.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -157,21 +158,28 @@ def gather_patches(pixels: Pixels, scale: int, patch: int, chosen: np.ndarray) -
     return normalize(win[rows - r0, :, cols - c0])  # [K, p, p, 3] -> [K, 3, p, p]
 
 
-def sample_tensors(pixels: Pixels, width: int, height: int, box: Box | None, cfg: ViewConfig) -> dict:
+def sample_tensors(pixels: Pixels, width: int, height: int, box: Box | None, cfg: ViewConfig,
+                   all_boxes: Sequence[Box] = ()) -> dict:
     """One sample's tensors; `box` None means a global pair (whole image, all-ones maps).
 
     Returns lowres [3, S0, S0], selection_view [3, Ssel, Ssel], gt_maps [G_s, G_s] per
-    high-res scale, and either highres [3, S_s, S_s] or hr_index [K_s] + hr_patches
-    [K_s, 3, p, p] per high-res scale.
+    high-res scale (the caption's box: top-down target and pooling mask), saliency_maps
+    [G_s, G_s] per scale (the union of `all_boxes`, or gt_maps without them: the bottom-up
+    target of paper Fig. 5c), and either highres [3, S_s, S_s] or hr_index [K_s] +
+    hr_patches [K_s, 3, p, p] per high-res scale.
     """
     whole = (0.0, 0.0, float(width), float(height))
     out: dict = {"lowres": normalize(pixels.full(cfg.scales[0])),
                  "selection_view": normalize(pixels.full(cfg.selection_view_size, coarse=True)),
-                 "gt_maps": [], "highres": [], "hr_index": [], "hr_patches": []}
+                 "gt_maps": [], "saliency_maps": [], "highres": [], "hr_index": [], "hr_patches": []}
     for scale, budget in zip(cfg.scales[1:], cfg.budgets):
         grid = cfg.grid(scale)
         cells = box_cells(box or whole, width, height, scale, cfg.patch_size)
         out["gt_maps"].append(gt_map(cells, grid))
+        salient = out["gt_maps"][-1].clone()
+        for other in (all_boxes if box is not None else ()):
+            salient = salient.maximum(gt_map(box_cells(other, width, height, scale, cfg.patch_size), grid))
+        out["saliency_maps"].append(salient)
         if cfg.patches:
             chosen = select_cells(cells, grid, budget)
             out["hr_index"].append(torch.from_numpy(chosen.astype(np.int64)))

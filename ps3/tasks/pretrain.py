@@ -58,8 +58,9 @@ def build(ctx: RunContext) -> TaskState:
         out = model(batch)
         contrastive = sigmoid_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias,
                                    rank=ctx.rank, world_size=ctx.world_size)
+        # Top-down learns the caption's box; bottom-up every labelled box of the image (paper Fig. 5b/c).
         box = box_supervision_loss(out.topdown_probs, out.bottomup_probs, batch["gt_maps"], batch["is_global"],
-                                   box_config)
+                                   box_config, bottomup_gt_maps=batch["saliency_maps"])
         loss = params.contrastive_weight * contrastive + box["loss"]
         figures = {"contrastive": float(contrastive.detach())}
         figures |= {k: float(v.detach()) for k, v in box.items() if k != "loss"}

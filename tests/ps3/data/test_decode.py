@@ -46,6 +46,20 @@ def test_fast_views_match_plain_method(kind, i):
         assert all(torch.equal(a, b) for a, b in zip(fast["gt_maps"], plain["gt_maps"]))
 
 
+def test_saliency_maps_cover_every_box_and_gt_maps_only_the_captioned_one():
+    data, _, rec = sample("scene", 0, 0, SynthConfig(scene_size=(1400, 2000)))
+    assert len(rec.boxes) >= 3
+    pixels = FastPixels(decode(data, rec.key, SMALL_4K.decode_size))
+    local = sample_tensors(pixels, rec.width, rec.height, rec.boxes[0], SMALL_4K, rec.boxes)
+    alone = [sample_tensors(pixels, rec.width, rec.height, b, SMALL_4K)["gt_maps"] for b in rec.boxes]
+    for s, (gt, salient) in enumerate(zip(local["gt_maps"], local["saliency_maps"])):
+        assert torch.equal(gt, alone[0][s])
+        assert torch.equal(salient, torch.stack([maps[s] for maps in alone]).amax(0))
+        assert salient.sum() > gt.sum()
+    whole = sample_tensors(pixels, rec.width, rec.height, None, SMALL_4K, rec.boxes)  # a global pair
+    assert all(torch.equal(a, b) for a, b in zip(whole["gt_maps"], whole["saliency_maps"]))
+
+
 def test_jpeg_is_decoded_at_reduced_dct_scale():
     data, _, rec = sample("scene", 0, 0, SynthConfig(scene_size=(1600, 1700)))
     small = decode(data, rec.key, need=150)  # 1/8 keeps >= 150 px on both sides

@@ -35,6 +35,9 @@ def test_batch_keys_and_shapes(synth_sources):
     assert b["lowres"].shape == (4, 3, 32, 32) and b["selection_view"].shape == (4, 3, 64, 64)
     assert [t.shape for t in b["highres"]] == [(4, 3, 64, 64), (4, 3, 128, 128)]
     assert [t.shape for t in b["gt_maps"]] == [(4, 4, 4), (4, 8, 8)]
+    assert [t.shape for t in b["saliency_maps"]] == [(4, 4, 4), (4, 8, 8)]
+    for gt, salient in zip(b["gt_maps"], b["saliency_maps"]):
+        assert bool((salient >= gt).all())  # the captioned box is one of the salient ones
     assert b["tokens"].shape == (4, 6) and b["tokens"].dtype == torch.long
     assert b["is_global"].dtype == torch.bool and b["sample_id"].dtype == torch.long
     assert -1.0 <= b["lowres"].min() and b["lowres"].max() <= 1.0
