@@ -134,7 +134,7 @@ def apply_overrides(data: dict, overrides: list[str], positions: dict[tuple, Pos
             target[parts[-1]] = value
         else:
             raise SpecError([SpecIssue("--set", 1, 1, key, "cannot set a field inside a scalar")])
-        positions[tuple(parts)] = positions.get(tuple(parts), (0, 0))
+        # A key that is new to the file has no position: errors point at its nearest parent there.
 
 
 def _closest(model: type[BaseModel] | None, key: str) -> str | None:

@@ -65,6 +65,16 @@ def test_set_override_errors_are_reported_as_spec_errors():
         load_text(JOB, overrides=["spec.train.steps"])
 
 
+def test_set_override_errors_point_at_a_real_place_in_the_file():
+    train_line = next(i for i, line in enumerate(JOB.splitlines(), 1) if line.strip().startswith("train:"))
+    with pytest.raises(SpecError) as new_key:  # a key the file lacks: its parent's position
+        load_text(JOB, overrides=["spec.train.stepz=7"])
+    assert new_key.value.issues[0].line == train_line
+    with pytest.raises(SpecError) as bad_value:  # a key the file has: that key's position
+        load_text(JOB, overrides=["spec.train.steps=abc"])
+    assert bad_value.value.issues[0].line >= train_line
+
+
 def test_epochs_give_total_steps():
     job = load_text(JOB, overrides=["spec.train.steps=null", "spec.train.epochs=2",
                                     "spec.train.samplesPerEpoch=100"]).job
