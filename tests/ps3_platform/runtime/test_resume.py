@@ -113,27 +113,39 @@ def test_world_size_change_keeps_global_batch_and_loss_curve(tmp_path):
         assert curve[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
 
 
-def test_sigterm_commits_a_checkpoint_and_exits_retryable(tmp_path):
-    """One worker, no agent: SIGTERM -> finish the step, checkpoint, exit 143."""
+def _sigterm_after_three_steps(tmp_path, name: str, launcher: list[str], procs: int) -> tuple[int, str]:
+    """Run the runtime module under `launcher` (which ends where the module name goes) on a
+    long noop job, and SIGTERM the launcher after 3 logged steps.
+
+    Returns (exit code, stderr) after asserting that the newest committed checkpoint is the
+    last step logged: nothing trained after the signal is lost.
+    """
     import subprocess
-    import sys
 
     from ps3_platform.spec import resolved
 
     uri = f"file://{tmp_path}/ckpt"
     spec = tmp_path / "spec.yaml"
-    spec.write_text(json.dumps(resolved(_job("term", uri, procs=1, steps=10_000, step_seconds=0.05))))
+    spec.write_text(json.dumps(resolved(_job(name, uri, procs=procs, steps=10_000, step_seconds=0.05))))
     env = {**os.environ, "PS3_RUN_DIR": str(tmp_path / "run"), "PS3_METRICS_PORT": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "ps3_platform.runtime", "--spec", str(spec), "--stage", "train"],
+    proc = subprocess.Popen([*launcher, "ps3_platform.runtime", "--spec", str(spec), "--stage", "train"],
                             env=env, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "train" / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 3, what="3 steps")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
     last_step = [json.loads(line) for line in metrics.read_text().splitlines()][-1]["step"]
-    _, counters = _final_state(uri, "term")
-    assert counters.step == last_step
+    _, counters = _final_state(uri, name)
+    assert counters.step == last_step, err
+    return proc.returncode, err
+
+
+def test_sigterm_commits_a_checkpoint_and_exits_retryable(tmp_path):
+    """One worker, no agent: SIGTERM -> finish the step, checkpoint, exit 143."""
+    import sys
+
+    code, err = _sigterm_after_three_steps(tmp_path, "term", [sys.executable, "-m"], procs=1)
+    assert code == 143, err
     assert "exiting 143 (retryable)" in err
 
 
@@ -142,30 +154,15 @@ def test_sigterm_to_the_pod_launcher_exits_retryable_after_the_checkpoint(tmp_pa
 
     Plain torchrun would exit 1 here, which the ExitCode restart policy treats as permanent.
     """
-    import subprocess
     import sys
 
     from ps3_platform.ports import free_port
-    from ps3_platform.spec import resolved
 
-    uri = f"file://{tmp_path}/ckpt"
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(json.dumps(resolved(_job("preempt", uri, procs=2, steps=10_000, step_seconds=0.05))))
-    env = {**os.environ, "PS3_RUN_DIR": str(tmp_path / "run"), "PS3_METRICS_PORT": "0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ps3_platform.runtime.launch", "--nnodes=1", "--nproc-per-node=2",
-         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--monitor-interval=0.5",
-         "--module", "ps3_platform.runtime", "--spec", str(spec), "--stage", "train"],
-        env=env, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "run" / "train" / "metrics.jsonl"
-    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 3, what="3 steps")
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
+    launcher = [sys.executable, "-m", "ps3_platform.runtime.launch", "--nnodes=1", "--nproc-per-node=2",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--monitor-interval=0.5", "--module"]
+    code, err = _sigterm_after_three_steps(tmp_path, "preempt", launcher, procs=2)
+    assert code == 143, err
     assert "stopped by SIGTERM; exiting 143 (retryable)" in err
-    last_step = [json.loads(line) for line in metrics.read_text().splitlines()][-1]["step"]
-    _, counters = _final_state(uri, "preempt")
-    assert counters.step == last_step
 
 
 def test_s3_outage_of_30s_during_training_is_survived(tmp_path):
