@@ -6,6 +6,7 @@ figures let a local run (and `platformctl status`) show the same without DCGM.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -13,13 +14,16 @@ import torch
 
 from .metrics import Metrics
 
+log = logging.getLogger(__name__)
+
 
 def start_gpu_sampler(metrics: Metrics, device: torch.device, every_s: float = 5.0) -> threading.Thread | None:
     if device.type != "cuda":
         return None
     try:
-        import pynvml
+        import pynvml  # nvidia-ml-py, a dependency of the platform
     except ImportError:
+        log.warning("pynvml is not installed (pip install nvidia-ml-py): no ps3_gpu_* metrics from this worker")
         return None
     try:
         pynvml.nvmlInit()

@@ -113,3 +113,35 @@ def test_status_json_via_cli(platform_home, tmp_path, capsys):
     assert main(["status", "clijob", "-o", "json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["phase"] == "Succeeded" and status["stages"][0]["step"] == 3
+
+
+def test_ctrl_c_during_submit_wait_cancels_and_leaves_no_process(platform_home, tmp_path):
+    import subprocess
+    import sys
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text(JOB.format(name="interrupted", steps=10_000, step_seconds=0.05))
+    cli = subprocess.Popen([sys.executable, "-m", "ps3_platform.cli", "submit", str(spec), "--backend", "local",
+                            "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "PS3_PLATFORM_HOME": str(platform_home)})
+    run_dir = LocalBackend().run_dir("interrupted")
+    _wait_for(lambda: (run_dir / "train" / "rank-1.pid").exists(), what="workers to start")
+    pgid = json.loads((run_dir / "state.json").read_text())["pgid"]
+    cli.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
+    out, err = cli.communicate(timeout=120)
+    assert cli.returncode == 130, err
+    assert "interrupted: cancelling 'interrupted'" in err and "no process left running" in err
+    assert "Traceback" not in err
+    assert not _group_alive(pgid)
+    assert LocalBackend().status("interrupted").phase == "Cancelled"
+
+
+def test_logs_follow_streams_until_the_job_ends(platform_home):
+    backend = LocalBackend()
+    backend.submit(_job(name="followed", steps=15, step_seconds=0.1), [])
+    lines = list(backend.logs("followed", rank=0, follow=True))  # returns only once the job is done
+    steps = [line for line in lines if "step " in line and "/15" in line]
+    assert steps and "step 15/15" in steps[-1]
+    status = backend.status("followed")
+    assert status.phase == "Succeeded" and status.stages[0].step == 15
+    assert status.stages[0].loss is not None and status.stages[0].samples_per_s

@@ -57,3 +57,38 @@ def test_every_metric_is_served_by_each_worker(platform_home):
             assert field in record, field
     finally:
         backend.cancel("scrape")
+
+
+def test_gpu_sampler_reads_nvml_into_the_gpu_metrics(monkeypatch):
+    """NVML itself needs a GPU; a stand-in with pynvml's API shows the sampler's wiring."""
+    import types
+
+    import pynvml  # the dependency must be installed, or GPU workers serve no ps3_gpu_* series
+    import torch
+
+    from ps3_platform.runtime.gpu import start_gpu_sampler
+    from ps3_platform.runtime.metrics import Metrics
+
+    calls = []
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: calls.append("init"))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda i: ("gpu", i))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUtilizationRates", lambda h: types.SimpleNamespace(gpu=87))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", lambda h: types.SimpleNamespace(used=123 << 20))
+    metrics = Metrics(job="j", stage="s", rank=0)
+    assert start_gpu_sampler(metrics, torch.device("cpu")) is None
+    thread = start_gpu_sampler(metrics, torch.device("cuda", 0), every_s=0.01)
+    assert thread is not None
+    labels = {"job": "j", "stage": "s", "rank": "0", "gpu": "0"}
+    deadline = time.time() + 5
+    while metrics.registry.get_sample_value("ps3_gpu_memory_used_bytes", labels) != float(123 << 20):
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert metrics.registry.get_sample_value("ps3_gpu_utilization_percent", labels) == 87.0
+    assert calls == ["init"]
+
+    def gone(handle):  # the device goes away: the sampler ends quietly
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUtilizationRates", gone)
+    thread.join(timeout=5)
+    assert not thread.is_alive()

@@ -89,3 +89,26 @@ def test_changed_spec_is_refused_unless_allowed(tmp_path):
     resumed = _trainer(tmp_path, spec_hash="new", allow=True)
     resumed.resume()
     assert resumed.counters.step == 8 and resumed.counters.spec_hash == "new"
+
+
+def test_gradients_are_clipped_to_the_spec_norm(tmp_path):
+    trainer = _trainer(tmp_path, checkpoint=False)  # train.gradClip defaults to 1.0
+    model = trainer.task.model
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    before = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    reported = trainer._clip_gradients(model)
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert reported == pytest.approx(float(before))  # the metric shows the norm before clipping
+    assert float(after) == pytest.approx(trainer.ctx.stage.train.grad_clip, rel=1e-4)
+
+
+def test_activation_checkpointing_switch_reaches_the_model():
+    from ps3.model import PS3Model
+    from ps3_platform.runtime.distributed import parallelize
+
+    world = world_from_env({})
+    on = parallelize(PS3Model("ps3-tiny"), world, "ddp", activation_checkpointing=True)
+    off = parallelize(PS3Model("ps3-tiny"), world, "ddp", activation_checkpointing=False)
+    assert on.vision_model.trunk.grad_checkpointing and on.text_model.grad_checkpointing
+    assert not off.vision_model.trunk.grad_checkpointing and not off.text_model.grad_checkpointing
