@@ -2,8 +2,9 @@
 
 The released SigLIP tokenizer is a SentencePiece model used with the ``canonicalize``
 cleaning (lower-case, punctuation removed, ``_`` to space, whitespace collapsed); ids are
-truncated to ``context_length - 1``, followed by EOS, then padded (pad = EOS when the model
-has no pad piece, as in SigLIP). Nothing is fetched from a hub: the spec names the file.
+truncated to ``context_length - 1``, followed by EOS, then padded with EOS for SentencePiece
+models (SigLIP's convention, whatever the model's `<pad>` piece) and with the pad piece of a
+``tokenizers`` file (EOS when it has none). Nothing is fetched from a hub: the spec names the file.
 
 ``train_tiny_tokenizer`` builds a word-level ``tokenizers`` model from captions, offline,
 saves it as JSON and returns it through the same loader, so tests and the quickstart use
@@ -51,12 +52,19 @@ def _clean(text: str, mode: Clean) -> str:
 class _Backend(Protocol):
     """The two file formats reduced to what the wrapper needs."""
 
+    pads_with_eos: bool
+
     def encode(self, text: str) -> list[int]: ...
     def special(self, kind: Literal["eos", "pad"]) -> int | None: ...
     def vocab_size(self) -> int: ...
 
 
 class _SentencePiece:
+    #: SigLIP pads with EOS, not with the model's `<pad>` piece (big_vision `pad_value=1`; open_clip
+    #: and HF's SiglipTokenizer do the same). The text tower pools the last position, so the
+    #: pad id changes the features of a released checkpoint.
+    pads_with_eos = True
+
     def __init__(self, blob: bytes) -> None:
         import sentencepiece as spm
 
@@ -75,6 +83,8 @@ class _SentencePiece:
 
 
 class _HFTokenizers:
+    pads_with_eos = False  # its own pad piece when it has one (the tiny tokenizer's `<pad>`)
+
     def __init__(self, blob: bytes) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -106,7 +116,7 @@ class Tokenizer:
         self.eos_id = backend.special("eos") if add_eos else None
         if add_eos and self.eos_id is None:
             raise TokenizerError(f"tokenizer {source}: no EOS token ({', '.join(_EOS_NAMES)}); pass add_eos=False")
-        pad = backend.special("pad")
+        pad = None if backend.pads_with_eos else backend.special("pad")
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
 
     @property

@@ -64,6 +64,22 @@ def test_sentencepiece_model_from_uri():
     assert ids[0].tolist().count(tok.eos_id) >= 1 and ids.shape == (2, 10)
 
 
+def test_sentencepiece_pads_with_eos_like_siglip(tmp_path):
+    """The SigLIP model has <pad>=0 and </s>=1, yet SigLIP pads with 1: so must we."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([canonicalize(c) for c in CAPTIONS] * 20), model_writer=buf,
+                                   vocab_size=40, model_type="unigram", minloglevel=2,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    (tmp_path / "spiece.model").write_bytes(buf.getvalue())
+    tok = build_tokenizer(str(tmp_path / "spiece.model"), context_length=12)
+    assert tok.backend.sp.pad_id() == 0 and tok.eos_id == 1
+    ids = tok("a red sign")[0].tolist()
+    first_eos = ids.index(1)
+    assert ids[first_eos:] == [1] * (12 - first_eos)
+
+
 def test_unreadable_or_wrong_file_is_a_clear_error(tmp_path):
     with pytest.raises(TokenizerError, match="cannot read tokenizer file"):
         build_tokenizer(str(tmp_path / "missing.model"))
