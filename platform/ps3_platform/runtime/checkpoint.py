@@ -379,6 +379,8 @@ class Checkpointer:
                                what=f"{own} of step {chosen}", deadline=deadline)
             # Our own file from a committed step (not user input), holding RNG tuples with numpy arrays.
             rank_state = torch.load(io.BytesIO(data), weights_only=False)
+        if self.metrics is not None:
+            self.metrics.get("ps3_checkpoint_load_bytes").set(sum(int(f["size"]) for f in manifest["files"].values()))
         log.info("loaded checkpoint %s", self.location.url_of(name))
         return chosen, rank_state
 

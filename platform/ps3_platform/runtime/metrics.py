@@ -35,6 +35,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ps3_checkpoint_upload_seconds": ("gauge", "Duration of the last checkpoint upload (async: in background).", ()),
     "ps3_checkpoint_load_seconds": ("gauge", "Time to load the checkpoint at start.", ()),
     "ps3_checkpoint_bytes": ("gauge", "Bytes this rank wrote in the last committed checkpoint.", ()),
+    "ps3_checkpoint_load_bytes": ("gauge", "Size of the committed checkpoint loaded at start.", ()),
     "ps3_checkpoint_last_success_timestamp_seconds": ("gauge", "Unix time of the last committed checkpoint.", ()),
     "ps3_checkpoint_age_seconds": ("gauge", "Seconds since the last committed checkpoint (or since start).", ()),
     "ps3_checkpoint_interval_seconds": ("gauge", "Expected seconds between checkpoints (intervalSteps x step time).", ()),

@@ -253,6 +253,7 @@ def test_async_save_returns_before_commit_and_isolates_the_copy(tmp_path, monkey
     assert torch.equal(fresh.weight, expected)
     assert metrics.get("ps3_checkpoint_upload_seconds")._value.get() >= 0.4
     assert metrics.get("ps3_checkpoint_bytes")._value.get() > 0
+    assert metrics.get("ps3_checkpoint_load_bytes")._value.get() >= metrics.get("ps3_checkpoint_bytes")._value.get()
 
 
 def test_at_most_one_upload_in_flight(tmp_path, monkeypatch):
