@@ -23,16 +23,12 @@ KUEUE_SCHEMAS = {"ResourceFlavor": "kueue-resourceflavors.yaml", "ClusterQueue":
                  "LocalQueue": "kueue-localqueues.yaml"}
 MONITORING = {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
 PLATFORMCTL_RULES = [
-    {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"],
-     "verbs": ["create", "get", "list", "watch", "update", "patch", "delete"]},
-    {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs/status"], "verbs": ["get"]},
-    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "list", "update", "patch", "delete"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": ["create", "get", "list", "delete"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "list", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list", "watch"]},
 ]
-ARGO_RULE = {"apiGroups": ["argoproj.io"], "resources": ["workflows"],
-             "verbs": ["create", "get", "list", "watch", "delete"]}
+ARGO_RULE = {"apiGroups": ["argoproj.io"], "resources": ["workflows"], "verbs": ["create", "get", "list", "delete"]}
 
 
 def by_kind(objs, kind):

@@ -46,6 +46,20 @@ class Request:
     def __iter__(self):  # lets tests compare against plain tuples
         return iter((self.method, self.path, self.query, self.body))
 
+    def access(self) -> tuple[str, str, str] | None:
+        """(API group, resource[/subresource], RBAC verb) this request needs; None off the namespaced API."""
+        m = _PATH.match(self.path)
+        if m is None:
+            return None
+        group = "" if m["gv"] == CORE else m["gv"].split("/")[2]
+        resource = m["plural"] + (f"/{m['sub']}" if m["sub"] else "")
+        named = m["name"] is not None
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch",
+                "DELETE": "delete" if named else "deletecollection"}.get(self.method)
+        if self.method == "GET":
+            verb = "get" if named else ("watch" if self.query.get("watch") in ("true", "1") else "list")
+        return group, resource, verb
+
 
 def status_body(code: int, reason: str, message: str, details: dict | None = None) -> dict:
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,

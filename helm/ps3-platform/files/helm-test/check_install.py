@@ -17,14 +17,12 @@ from ps3_platform.spec import POOLS_CONFIGMAP, POOLS_KEY, PoolConfigError, parse
 
 #: (verb, API group, resource, subresource) platformctl submit/status/logs/cancel need.
 PLATFORMCTL_ACCESS = [
-    *[(v, "kubeflow.org", "pytorchjobs", "") for v in ("create", "get", "list", "watch", "update", "patch", "delete")],
-    ("get", "kubeflow.org", "pytorchjobs", "status"),
-    *[(v, "", "configmaps", "") for v in ("create", "get", "list", "update", "patch", "delete")],
-    *[(v, "", "pods", "") for v in ("get", "list", "watch")],
+    *[(v, "kubeflow.org", "pytorchjobs", "") for v in ("create", "get", "list", "delete")],
+    *[(v, "", "configmaps", "") for v in ("create", "get", "list", "patch", "delete")],
+    ("list", "", "pods", ""),
     ("get", "", "pods", "log"),
-    *[(v, "", "events", "") for v in ("get", "list", "watch")],
 ]
-ARGO_ACCESS = [(v, "argoproj.io", "workflows", "") for v in ("create", "get", "list", "watch", "delete")]
+ARGO_ACCESS = [(v, "argoproj.io", "workflows", "") for v in ("create", "get", "list", "delete")]
 
 
 def check_pools(core: client.CoreV1Api, namespace: str) -> list[str]:
