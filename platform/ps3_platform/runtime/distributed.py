@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -9,6 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,18 +85,25 @@ def parallelize(model: nn.Module, world: WorldInfo, strategy: str, activation_ch
     (`set_grad_checkpointing`), since only the model knows its block boundaries.
     """
     model = model.to(world.device)
-    if activation_checkpointing and hasattr(model, "set_grad_checkpointing"):
+    checkpointing = activation_checkpointing and hasattr(model, "set_grad_checkpointing")
+    if checkpointing:
         model.set_grad_checkpointing(True)
+    ac = f"activation checkpointing {'on' if checkpointing else 'off'}"
     if world.world_size == 1 and strategy == "ddp":
+        log.info("parallelism: single process, %s", ac)
         return model
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in getattr(model, "blocks", lambda: [])():
+        blocks = list(getattr(model, "blocks", lambda: [])())
+        for block in blocks:
             fully_shard(block)
         fully_shard(model)
+        log.info("parallelism: FSDP2 fully_shard on %d blocks + root over %d ranks, %s", len(blocks),
+                 world.world_size, ac)
         return model
     device_ids = [world.device.index] if world.device.type == "cuda" else None
+    log.info("parallelism: DDP over %d ranks, %s", world.world_size, ac)
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 

@@ -62,6 +62,7 @@ class Trainer:
         self.total_steps = ctx.stage.train.total_steps
         self.consecutive_nonfinite = 0
         self.autocast = ctx.stage.train.precision == "bf16"
+        ctx.log.info("precision: %s", "bf16 autocast" if self.autocast else "fp32")
         self._bad_reported: dict[str, int] = {}
         self._mean_step_s: float | None = None
 
@@ -174,8 +175,12 @@ class Trainer:
         return StepStats(loss, grad_norm, seconds, data_wait, samples, tokens, extra)
 
     def _no_sync(self, model, sync: bool):
+        """Reduce gradients once per optimizer step, not once per micro-batch."""
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter only on the last one
+            model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
         if not sync and hasattr(model, "no_sync"):
-            return model.no_sync()  # DDP: all-reduce once per optimizer step, not per micro-batch
+            return model.no_sync()  # DDP
         return contextlib.nullcontext()
 
     def _precision(self):

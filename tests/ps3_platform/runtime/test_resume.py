@@ -199,6 +199,9 @@ def test_fsdp2_and_bf16_run_checkpoint_and_resume(tmp_path):
     _run(backend, job)
     weights, counters = _final_state(uri, "sharded")
     assert counters.step == 10 and all(torch.isfinite(w).all() for w in weights.values())
+    logs = "\n".join(backend.logs("sharded"))
+    assert "parallelism: FSDP2 fully_shard" in logs and "over 2 ranks" in logs
+    assert "precision: bf16 autocast" in logs
     longer = load_text(SPEC.format(name="sharded", uri=uri, procs=1, steps=10, step_seconds=0, async_="false"),
                        overrides=["spec.train.parallelism=fsdp", "spec.train.precision=bf16",
                                   "spec.train.steps=14"]).job
