@@ -75,6 +75,15 @@ def test_hf_missing_tensor_is_named(tmp_path):
         load_siglip_hf(PS3Model("ps3-tiny", **TANH), str(path))
 
 
+def test_hf_unexpected_tensor_is_named(tmp_path):
+    _, path = _hf_siglip(tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["vision_model.encoder.layers.99.mlp.fc1.weight"] = torch.zeros(2, 2)
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"unexpected \['vision_model.encoder.layers.99.mlp.fc1.weight'\]"):
+        load_siglip_hf(PS3Model("ps3-tiny", **TANH), str(path))
+
+
 def test_hf_wrong_shapes_and_heads_are_clear_errors(tmp_path):
     _, path = _hf_siglip(tmp_path, width=32, heads=4)
     with pytest.raises(CheckpointError, match=r"wrong shapes: .*checkpoint \(32"):
