@@ -214,3 +214,21 @@ def test_fsdp2_and_bf16_run_checkpoint_and_resume(tmp_path):
     assert backend.wait("sharded", follow=False, poll_s=0.3) == 0
     _, counters = _final_state(uri, "sharded")
     assert counters.step == 14 and counters.resumes >= 1
+
+
+def test_world_size_that_cannot_split_the_global_batch_stops_at_start(tmp_path):
+    """globalBatch 8 over 3 ranks: exit 2 with the reason, before any process group or step."""
+    import subprocess
+    import sys
+
+    from ps3_platform.spec import resolved
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps(resolved(_job("odd", f"file://{tmp_path}/ckpt", procs=1))))
+    env = {**os.environ, "PS3_RUN_DIR": str(tmp_path / "run"), "PS3_METRICS_PORT": "0",
+           "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    proc = subprocess.run([sys.executable, "-m", "ps3_platform.runtime", "--spec", str(spec), "--stage", "train"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "global batch 8 is not divisible by world size 3" in proc.stderr
+    assert "Traceback" not in proc.stderr
