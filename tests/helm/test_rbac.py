@@ -20,25 +20,6 @@ from ps3_platform.spec import load_pools, load_text
 
 DOUBLE = Path(__file__).resolve().parents[1] / "ps3_platform" / "backends" / "k8s_double.py"
 NS = "team-a"
-TRAINING = """
-apiVersion: ps3.platform/v1
-kind: TrainingJob
-metadata: {name: exp}
-spec:
-  task: noop
-  resources: {pool: cpu, nodes: 2}
-  train: {globalBatch: 32, steps: 1000}
-  checkpoint: {uri: "s3://ckpt/runs"}
-"""
-PIPELINE = """
-apiVersion: ps3.platform/v1
-kind: Pipeline
-metadata: {name: pipe}
-spec:
-  stages:
-    - {name: prep, task: noop}
-    - {name: fit, task: noop, dependsOn: [prep], train: {steps: 50}}
-"""
 
 
 def _double():
@@ -65,9 +46,9 @@ def used_access(tmp_path_factory) -> set[tuple[str, str, str]]:
         server.put(kd.CORE, NS, "configmaps", {"metadata": {"name": "ps3-platform-pools"},
                                                 "data": {"pools.yaml": "pools: {cpu: {gpusPerNode: 0}}"}})
         backend.pools(None)
-        backend.submit(*_compiled(TRAINING))
-        backend.submit(*_compiled(TRAINING))  # unchanged: reads only
-        backend.submit(*_compiled(TRAINING, ["spec.train.steps=5"]), replace=True)
+        backend.submit(*_compiled(kd.TRAINING_SPEC))
+        backend.submit(*_compiled(kd.TRAINING_SPEC))  # unchanged: reads only
+        backend.submit(*_compiled(kd.TRAINING_SPEC, ["spec.train.steps=5"]), replace=True)
         server.set_status(kd.KUBEFLOW, NS, "pytorchjobs", "exp-train", kd.pytorchjob_status("exp-train", "Running"))
         server.add_pod(NS, "exp-train", "master", 0, logs=["step 3/5 loss 1.0"])
         backend.status("exp")
@@ -76,8 +57,8 @@ def used_access(tmp_path_factory) -> set[tuple[str, str, str]]:
         server.set_status(kd.KUBEFLOW, NS, "pytorchjobs", "exp-train", kd.pytorchjob_status("exp-train", "Succeeded"))
         list(backend.logs("exp", rank=0, follow=True))
         backend.cancel("exp")
-        backend.submit(*_compiled(PIPELINE))
-        backend.submit(*_compiled(PIPELINE, ["spec.stages[1].train.steps=7"]), replace=True)
+        backend.submit(*_compiled(kd.PIPELINE_SPEC))
+        backend.submit(*_compiled(kd.PIPELINE_SPEC, ["spec.stages[1].train.steps=7"]), replace=True)
         backend.status("pipe")
         backend.cancel("pipe")
         assert server.unexpected == []

@@ -34,6 +34,27 @@ _KINDS = {"configmaps": "ConfigMap", "pods": "Pod", "pytorchjobs": "PyTorchJob",
 _GROUPS = {"configmaps": "", "pods": "", "pytorchjobs": "kubeflow.org", "workflows": "argoproj.io"}
 T0 = "2026-11-24T07:00:00Z"
 
+#: The two jobs the backend tests submit to the double (a 2-node TrainingJob and a 2-stage Pipeline).
+TRAINING_SPEC = """
+apiVersion: ps3.platform/v1
+kind: TrainingJob
+metadata: {name: exp}
+spec:
+  task: noop
+  resources: {pool: cpu, nodes: 2}
+  train: {globalBatch: 32, steps: 1000}
+  checkpoint: {uri: "s3://ckpt/runs"}
+"""
+PIPELINE_SPEC = """
+apiVersion: ps3.platform/v1
+kind: Pipeline
+metadata: {name: pipe}
+spec:
+  stages:
+    - {name: prep, task: noop}
+    - {name: fit, task: noop, dependsOn: [prep], train: {steps: 50}}
+"""
+
 
 @dataclass
 class Request:

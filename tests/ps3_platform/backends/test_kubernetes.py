@@ -41,25 +41,7 @@ CM = f"/api/v1/namespaces/{NS}/configmaps"
 PODS = f"/api/v1/namespaces/{NS}/pods"
 FOREGROUND = {"propagationPolicy": "Foreground"}
 
-TRAINING = """
-apiVersion: ps3.platform/v1
-kind: TrainingJob
-metadata: {name: exp}
-spec:
-  task: noop
-  resources: {pool: cpu, nodes: 2}
-  train: {globalBatch: 32, steps: 1000}
-  checkpoint: {uri: "s3://ckpt/runs"}
-"""
-PIPELINE = """
-apiVersion: ps3.platform/v1
-kind: Pipeline
-metadata: {name: pipe}
-spec:
-  stages:
-    - {name: prep, task: noop}
-    - {name: fit, task: noop, dependsOn: [prep], train: {steps: 50}}
-"""
+TRAINING, PIPELINE = kd.TRAINING_SPEC, kd.PIPELINE_SPEC
 
 
 def compiled(text: str, overrides: list[str] | None = None):
