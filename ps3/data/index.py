@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from .fs import filesystem, fs_uri, join
+from .records import BadSample, parse_record
 from .shards import SampleEntry, read_sidecar, scan_shard, write_sidecar
 
 INDEX_NAME = "index.json"
@@ -163,8 +164,8 @@ class SourceIndex:
                 if entry.json is None:
                     continue
                 offset, size = entry.json
-                obj = json.loads(self.fs.cat_file(shard_path, start=offset, end=offset + size))
-                sides.append(max(int(obj["width"]), int(obj["height"])))
-            except (OSError, ValueError, KeyError, TypeError, IndexError):
+                record = parse_record(entry.key, self.fs.cat_file(shard_path, start=offset, end=offset + size))
+                sides.append(max(record.width, record.height))
+            except (OSError, IndexError, BadSample):
                 continue
         return sides

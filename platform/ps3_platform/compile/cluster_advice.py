@@ -6,7 +6,7 @@ and the same spec is valid there. `platformctl submit --backend kubernetes` prin
 
 from __future__ import annotations
 
-from ps3_platform.spec import JobSpec, stages_of
+from ps3_platform.spec import JobSpec, splits_evenly, stages_of
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -29,7 +29,7 @@ def unsplittable_node_counts(stage) -> list[int]:
     if stage.elastic is None:
         return []
     nproc, batch = stage.resources.nproc, stage.train.global_batch
-    return [n for n in range(stage.elastic.min_nodes, stage.elastic.max_nodes + 1) if batch % (n * nproc)]
+    return [n for n in range(stage.elastic.min_nodes, stage.elastic.max_nodes + 1) if not splits_evenly(batch, n * nproc)]
 
 
 def cluster_warnings(job: JobSpec) -> list[str]:

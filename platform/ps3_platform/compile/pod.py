@@ -22,10 +22,9 @@ SHM_VOLUME = "dshm"
 RUN_AS_ID = 1000
 #: Environment the compiler derives from spec.storage (a stage's env may not set these).
 PLATFORM_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+#: torchrun's grace for workers between its SIGTERM and SIGKILL, set from the pod's grace period
+#: minus the seconds kept back for the agent itself.
 SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
-
-
-#: Seconds of the termination grace kept back for the agent itself after the workers stop.
 AGENT_SHUTDOWN_MARGIN = 10
 
 

@@ -26,6 +26,11 @@ class BatchPlan:
         return self.micro_batch * self.accumulation
 
 
+def splits_evenly(global_batch: int, world_size: int) -> bool:
+    """Whether every rank can take the same share of the global batch."""
+    return world_size >= 1 and global_batch % world_size == 0
+
+
 def plan_batch(global_batch: int, world_size: int, max_micro_batch: int | None = None) -> BatchPlan:
     """Split `global_batch` into world_size x accumulation x micro_batch exactly.
 
@@ -34,7 +39,7 @@ def plan_batch(global_batch: int, world_size: int, max_micro_batch: int | None =
     """
     if world_size < 1:
         raise BatchPlanError(f"world size must be positive, got {world_size}")
-    if global_batch % world_size:
+    if not splits_evenly(global_batch, world_size):
         raise BatchPlanError(
             f"global batch {global_batch} is not divisible by world size {world_size}; "
             f"choose a node count whose total rank count divides {global_batch}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 
-from .batch import BatchPlanError, plan_batch
+from .batch import splits_evenly
 from .load import LoadedSpec, SpecError, SpecIssue
 from .models import StageBody, TrainingJob
 from .pools import PoolConfig
@@ -45,9 +45,7 @@ def _stage_issues(loaded: LoadedSpec, stage: StageBody, prefix: tuple, pools: Po
                 f"and elastic.maxNodes ({stage.elastic.max_nodes})",
             ))
     for nodes in sorted(node_counts):
-        try:
-            plan_batch(stage.train.global_batch, nodes * res.nproc, stage.train.micro_batch)
-        except BatchPlanError:
+        if not splits_evenly(stage.train.global_batch, nodes * res.nproc):
             issues.append(loaded.issue(
                 prefix + ("train", "globalBatch"),
                 f"global batch {stage.train.global_batch} is not divisible by {nodes} nodes x {res.nproc} "
