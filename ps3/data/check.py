@@ -68,7 +68,7 @@ def check_shard(fs, shard_path: str) -> dict:
         result["error"] = f"unreadable: {exc}"
         return result
     scan = scan_tar(io.BytesIO(data), len(data))
-    result["error"] = scan.error
+    result["error"] = scan.problems()
     bad, keys = Counter(), {}
     for entry in scan.samples:
         result["samples"] += 1
@@ -88,6 +88,6 @@ def check_shard(fs, shard_path: str) -> dict:
         result["boxes"] += len(record.boxes)
         result["global_captions"] += record.global_caption is not None
     if scan.error:
-        bad["read_error"] += 1  # the damaged tail counts once: its samples cannot be counted
+        bad["read_error"] += 1  # a lost tail counts once: its samples cannot be counted
     result["bad"], result["bad_keys"] = dict(bad), keys
     return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -62,7 +63,7 @@ def _shard_summary(fs, shard_path: str) -> dict:
             scan = scan_shard(fs, shard_path)
         except OSError as exc:
             return {"samples": 0, "boxes": 0, "global_captions": 0, "bytes": size, "error": str(exc)}
-        samples, error = scan.samples, scan.error
+        samples, error = scan.samples, scan.problems()
         write_sidecar(fs, shard_path, samples, size)
     summary = {"samples": len(samples), "boxes": sum(s.boxes for s in samples),
                "global_captions": sum(s.has_global for s in samples), "bytes": size}
@@ -82,6 +83,35 @@ def read_index(uri: str) -> dict:
     if index.get("format") != INDEX_FORMAT or not isinstance(index.get("shards"), list):
         raise DataSourceError(f"{join(uri, INDEX_NAME)} is not a {INDEX_FORMAT} index; rebuild it")
     return index
+
+
+def _unreadable_lead(fs, path: str, names: list[str]) -> list[str]:
+    """'name: problem' for the shards before the first one whose first tar header is sound.
+
+    Catches a source whose shards exist at the right size but hold something else
+    (overwritten, encrypted, another format) before any step runs, for the cost of one
+    offset table and one 512-byte read when the first shard is fine.
+    """
+    problems = []
+    for name in names:
+        problem = _first_header_problem(fs, f"{path}/{name}")
+        if problem is None:
+            break
+        problems.append(f"{name}: {problem}")
+    return problems
+
+
+def _first_header_problem(fs, shard_path: str) -> str | None:
+    try:
+        cached = read_sidecar(fs, shard_path)
+        entry = (cached[1] if cached is not None else scan_shard(fs, shard_path).samples)[0]
+        offset = min(m[0] for m in (entry.image, entry.json) if m is not None)
+        block = fs.cat_file(shard_path, start=offset - tarfile.BLOCKSIZE, end=offset)
+        header = tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except (OSError, IndexError, ValueError, tarfile.TarError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    expected = (entry.key + ".")[:100]  # a ustar name field holds 100 bytes (pax carries longer ones)
+    return None if header.name.startswith(expected) else f"first member is {header.name!r}, not {entry.key}"
 
 
 @dataclass
@@ -124,6 +154,13 @@ class SourceIndex:
         if len(live) < len(listed):
             log.warning("source %s: %d of %d shards missing or truncated; using the rest",
                         uri, len(listed) - len(live), len(listed))
+        unreadable = _unreadable_lead(fs, path, [s["name"] for s in live])
+        if len(unreadable) == len(live):
+            raise DataSourceError(f"source {uri} has no readable shard ({len(unreadable)} tried; {unreadable[0]}); "
+                                  f"run `platformctl data check {uri}`")
+        if unreadable:
+            log.warning("source %s: leaving out %d unreadable shards (%s)", uri, len(unreadable), unreadable[0])
+        live = live[len(unreadable):]
         return cls(uri, [s["name"] for s in live], [int(s["samples"]) for s in live],
                    int(index.get("global_captions", 0)))
 

@@ -14,7 +14,7 @@ import io
 import json
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO
 
 import webdataset as wds
@@ -49,40 +49,81 @@ class SampleEntry:
 
 @dataclass
 class ShardScan:
-    """What a pass over one tar found: its samples and, if it stopped early, why."""
+    """What a pass over one tar found: its samples, the damage it stepped over, why it stopped."""
 
     samples: list[SampleEntry]
-    error: str | None = None  # set when the tar is truncated or a header is corrupt
+    error: str | None = None  # set when the tar ends early (truncated, unreadable)
+    skipped: list[str] = field(default_factory=list)  # corrupt headers resynchronised past
+
+    def problems(self) -> str | None:
+        """One line naming all damage, or None for a clean shard."""
+        parts = self.skipped + ([self.error] if self.error else [])
+        return "; ".join(parts) or None
 
 
 def scan_tar(stream: IO[bytes], total_size: int) -> ShardScan:
     """Group a tar's members into samples with their data offsets.
 
-    Reads sequentially (works on any fsspec stream). A corrupt header or a truncated
-    tail ends the scan: samples before it are kept, the rest are reported in `error`.
+    `stream` must be seekable (BytesIO, fsspec files). A corrupt header is stepped over
+    (see `_members`), so only the damaged member is lost and its sample shows up
+    incomplete: the loader counts it under missing_image/missing_json, with its key. A
+    truncated tail ends the scan; the sample cut off there is kept without the member, so
+    it is counted too.
     """
     groups: dict[str, dict] = {}
-    order: list[str] = []
-    error = None
+    error, skipped, expected = None, [], stream.tell()
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = base_plus_ext(member.name)
-                if key is None:
-                    continue
-                if member.offset_data + member.size > total_size:
-                    error = f"truncated at member {member.name}"
-                    break
-                if key not in groups:
-                    groups[key] = {}
-                    order.append(key)
-                data = tar.extractfile(member).read() if ext.lower() == "json" else None
-                groups[key][ext.lower()] = (member.offset_data, member.size, data)
+        for tar, member in _members(stream, total_size):
+            if member.offset > expected:
+                skipped.append(f"corrupt tar header at byte {expected} ({member.offset - expected} bytes skipped)")
+            expected = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
+            if key is None:
+                continue
+            members = groups.setdefault(key, {})
+            if member.offset_data + member.size > total_size:
+                error = f"truncated at member {member.name}"
+                break
+            data = tar.extractfile(member).read() if ext.lower() == "json" else None
+            members[ext.lower()] = (member.offset_data, member.size, data)
+        else:
+            error = _end_marker_error(stream, expected, total_size)
     except (tarfile.TarError, OSError, EOFError) as exc:
         error = f"{type(exc).__name__}: {exc}"
-    return ShardScan([_entry(k, groups[k]) for k in order], error)
+    return ShardScan([_entry(k, m) for k, m in groups.items()], error, skipped)
+
+
+def _end_marker_error(stream: IO[bytes], end: int, total_size: int) -> str | None:
+    """None if a zero block (end of archive) follows the last member; else what is wrong.
+
+    A tar cut exactly between members reads as a shorter, valid archive: only the
+    missing end marker tells that samples were lost.
+    """
+    if end + tarfile.BLOCKSIZE > total_size:
+        return f"truncated after byte {end}: no end-of-archive marker"
+    stream.seek(end)
+    block = stream.read(tarfile.BLOCKSIZE)
+    return None if block == tarfile.NUL * tarfile.BLOCKSIZE else f"unreadable tar data after byte {end}"
+
+
+def _members(stream: IO[bytes], total_size: int) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+    """Every readable member header, resynchronising after corrupt ones.
+
+    tarfile's `ignore_zeros` already tries each following 512-byte block after a bad
+    header, but a bad header behind a pax extended header (webdataset writes those) is a
+    hard ReadError; then reading restarts one block past the pax header.
+    """
+    start = stream.tell()
+    while start < total_size:
+        stream.seek(start)
+        tar = None
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r:", ignore_zeros=True)
+            while (member := tar.next()) is not None:
+                yield tar, member
+            return
+        except tarfile.ReadError:
+            start = (tar.offset if tar is not None else start) + tarfile.BLOCKSIZE
 
 
 def _entry(key: str, members: dict) -> SampleEntry:

@@ -84,7 +84,7 @@ spec:
 
 
 def _live_data(root: Path) -> str:
-    """A few small synthetic scenes plus one undecodable image (so bad-sample series exist)."""
+    """A few small synthetic scenes plus an undecodable image and an image without json (bad samples)."""
     from ps3.data import ShardWriter, build_index, synth
     from ps3.model import train_tiny_tokenizer
     from ps3.tasks.synth import vocabulary_captions
@@ -96,6 +96,7 @@ def _live_data(root: Path) -> str:
             image, ext, record = synth.sample("scene", 0, i, config)
             writer.write(record.key, image, ext, record)
         writer.write_members("corrupt00000001", {"jpg": b"not a jpeg", "json": record.to_json()})
+        writer.write_members("nojson00000002", {"jpg": image})
     build_index(f"{data}/scene")
     train_tiny_tokenizer(vocabulary_captions(), f"{data}/tokenizer.json")
     return data
@@ -105,7 +106,7 @@ def _live_data(root: Path) -> str:
 def training_metrics_targets(tmp_path_factory):
     """A real local training run: `ps3_pretrain` of the tiny preset on 2 torchrun workers.
 
-    The data hold one corrupt image, so the bad-sample counter has a series; checkpoints
+    The data hold two bad samples, so the bad-sample counter has series; checkpoints
     every 5 steps give the checkpoint panels data. The run is cancelled at the end.
     """
     from ps3_platform.backends.local import LocalBackend

@@ -152,3 +152,19 @@ def test_rules_evaluate_cleanly_and_a_healthy_run_fires_nothing(prometheus):
     result = api(prometheus, "query", query="ps3:node_pool_info")["result"]
     pools = {r["metric"]["pool"]: r["metric"]["node"] for r in result}
     assert pools == {"h100": "gpu-node-a", "a100": "gpu-node-b"}
+
+
+def test_workers_count_bad_samples_by_reason(training_metrics_targets):
+    """The run's data hold an undecodable image and an image without json: both reasons are served."""
+    pattern = re.compile(r'^ps3_data_bad_samples_total\{[^}]*reason="(\w+)"[^}]*\} (\S+)$', re.M)
+    deadline, seen = time.monotonic() + DATA_TIMEOUT_S, {}
+    while time.monotonic() < deadline:
+        seen = {}
+        for target in training_metrics_targets:
+            with urllib.request.urlopen(f"http://{target.address}/metrics", timeout=5) as resp:
+                for reason, value in pattern.findall(resp.read().decode()):
+                    seen[reason] = seen.get(reason, 0.0) + float(value)
+        if seen.get("bad_image", 0) >= 1 and seen.get("missing_json", 0) >= 1:
+            return
+        time.sleep(1)
+    pytest.fail(f"bad samples served by the workers: {seen}")

@@ -31,6 +31,14 @@ def write_source(uri: str, n: int, *, source: str = "toy", per_shard: int = 4, g
     return read_index(uri)
 
 
+def corrupt_header(fs, shard_path: str, member: bytes) -> None:
+    """Break the tar header checksum of the member named `member`."""
+    data = bytearray(fs.cat_file(shard_path))
+    header = data.find(member)
+    data[header + 148: header + 156] = b"garbage!"
+    fs.pipe_file(shard_path, bytes(data))
+
+
 @pytest.fixture
 def toy_source(tmp_path):
     uri = f"file://{tmp_path}/toy"

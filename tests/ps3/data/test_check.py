@@ -5,7 +5,7 @@ from __future__ import annotations
 from ps3.data.check import check_source
 from ps3.data.fs import filesystem
 
-from .conftest import BAD_CASES, write_bad_source, write_source
+from .conftest import BAD_CASES, corrupt_header, write_bad_source, write_source
 
 
 def test_check_counts_good_source(tmp_path):
@@ -42,16 +42,15 @@ def test_check_truncated_shard_and_stale_index(tmp_path):
     assert report["index"] == "stale"
 
 
-def test_check_corrupt_tar_header(tmp_path):
+def test_check_corrupt_tar_header_loses_only_that_member(tmp_path):
     uri = f"file://{tmp_path}/src"
     write_source(uri, 4, per_shard=4)
     fs, path = filesystem(uri)
-    data = bytearray(fs.cat_file(f"{path}/shard-000000.tar"))
-    second_sample_header = data.find(b"s00001.jpg")
-    data[second_sample_header + 148: second_sample_header + 156] = b"garbage!"  # header checksum
-    fs.pipe_file(f"{path}/shard-000000.tar", bytes(data))
+    corrupt_header(fs, f"{path}/shard-000000.tar", b"s00001.jpg")
     shard = check_source(uri)["shards"][0]
-    assert shard["samples"] == 1 and shard["ok"] == 1 and "Error" in shard["error"]
+    assert shard["samples"] == 4 and shard["ok"] == 3  # the scan resynchronises at the next header
+    assert shard["bad"] == {"missing_image": 1} and shard["bad_keys"]["missing_image"] == ["s00001"]
+    assert "corrupt tar header at byte" in shard["error"]
 
 
 def test_check_missing_shard_listed_in_index(tmp_path):

@@ -226,3 +226,23 @@ def test_zero_budget_scale_gives_empty_patches(synth_sources):
     b = next(make(synth_sources, views=views))
     assert b["hr_index"][0].shape == (4, 0) and b["hr_patches"][0].shape == (4, 0, 3, 16, 16)
     assert b["hr_patches"][1].shape == (4, 6, 3, 16, 16)
+
+
+def test_samples_after_a_corrupt_tar_header_are_used_and_the_damaged_one_counted(tmp_path, caplog):
+    from ps3.data.fs import filesystem
+    from ps3.data.index import build_index
+
+    from .conftest import corrupt_header, write_source
+
+    uri = f"file://{tmp_path}/hdr"
+    write_source(uri, 6, per_shard=6, size=(64, 64))
+    fs, path = filesystem(uri)
+    corrupt_header(fs, f"{path}/shard-000000.tar", b"s00002.jpg")
+    fs.rm(f"{path}/shard-000000.tar.idx.json")
+    assert build_index(uri)["samples"] == 6  # `platformctl data index` after the damage
+    loader = make({"toy": uri}, batch=5, micro=5, frac=0.0)
+    with caplog.at_level("WARNING", logger="ps3.data.batches"):
+        out = ids([next(loader) for _ in range(4)])
+    assert {i & 0xFFFFFFFF for i in out} == {0, 1, 3, 4, 5}  # every sample but the damaged one
+    assert loader.bad_sample_counts() == {"missing_image": loader.bad_sample_counts()["missing_image"]}
+    assert any("s00002" in r.getMessage() and "missing_image" in r.getMessage() for r in caplog.records)

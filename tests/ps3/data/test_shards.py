@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -79,4 +80,17 @@ def test_truncated_shards_left_out_at_start_and_all_truncated_fails(tmp_path):
     assert SourceIndex.open(uri).shards == ["shard-000001.tar"]
     fs.pipe_file(f"{path}/shard-000001.tar", b"")
     with pytest.raises(DataSourceError, match=f"{tmp_path}/src has no readable shard"):
+        SourceIndex.open(uri)
+
+
+def test_shards_of_the_right_size_but_unreadable_fail_at_start(tmp_path):
+    uri = f"file://{tmp_path}/src"
+    write_source(uri, 8, per_shard=4)
+    fs, path = filesystem(uri)
+    first = f"{path}/shard-000000.tar"
+    fs.pipe_file(first, bytes(len(fs.cat_file(first))))  # same size, offset table kept, contents gone
+    assert SourceIndex.open(uri).shards == ["shard-000001.tar"]  # left out; one sound shard is enough
+    second = f"{path}/shard-000001.tar"
+    fs.pipe_file(second, os.urandom(len(fs.cat_file(second))))
+    with pytest.raises(DataSourceError, match=f"source {uri} has no readable shard .*shard-000000.tar"):
         SourceIndex.open(uri)
