@@ -143,7 +143,9 @@ def make_scene(rng: np.random.Generator, cfg: SynthConfig) -> tuple[Image.Image,
 
 def _draw_signs(rng, draw, w: int, h: int, cfg: SynthConfig) -> tuple[list, list]:
     boxes, captions = [], []
-    for _ in range(int(rng.integers(cfg.signs[0], cfg.signs[1] + 1))):
+    count = int(rng.integers(cfg.signs[0], cfg.signs[1] + 1))
+    colours = [str(c) for c in rng.permutation(SIGN_COLOURS)]  # distinct while they last: a colour names one sign
+    for n in range(count):
         side = max(w, h) * rng.uniform(*cfg.sign_fraction)
         plate = side * 0.45 if cfg.sign_words else 0.0
         for _attempt in range(20):  # signs never overlap, so each box shows one sign
@@ -151,7 +153,7 @@ def _draw_signs(rng, draw, w: int, h: int, cfg: SynthConfig) -> tuple[list, list
             box = (x, y, x + side, y + side + plate)
             if all(box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for b in boxes):
                 break
-        colour, shape = str(rng.choice(SIGN_COLOURS)), str(rng.choice(SIGN_SHAPES))
+        colour, shape = colours[n % len(colours)], str(rng.choice(SIGN_SHAPES))
         line = max(1, int(side * 0.04))
         draw_shape(draw, shape, _equal_area((x, y, x + side, y + side), shape), COLOURS[colour],
                    outline=(0, 0, 0), width=line)

@@ -27,6 +27,7 @@ PLATFORMCTL_RULES = [
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "list", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create", "get", "patch", "delete"]},
 ]
 ARGO_RULE = {"apiGroups": ["argoproj.io"], "resources": ["workflows"], "verbs": ["create", "get", "list", "delete"]}
 
@@ -102,13 +103,17 @@ def test_custom_pools_replace_the_defaults(chart_engine):
     assert (pc["value"], pc["preemptionPolicy"]) == (1000, "PreemptLowerPriority")
 
 
-def test_platformctl_role_grants_exactly_what_the_cli_needs(default_objects, full_objects):
+def test_platformctl_role_grants_exactly_what_the_cli_needs(default_objects, full_objects, chart_engine):
     assert one(default_objects, "Role", "ps3-platform-platformctl")["rules"] == PLATFORMCTL_RULES
     assert one(full_objects, "Role", "ps3-platform-platformctl")["rules"] == [*PLATFORMCTL_RULES, ARGO_RULE]
     binding = one(full_objects, "RoleBinding", "ps3-platform-platformctl")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": "ps3-platform-platformctl"}
     assert {"kind": "ServiceAccount", "name": "ci", "namespace": "ps3"} in binding["subjects"]
+    without_policies = chart_engine.objects(chart_engine.render({"networkPolicy": {"enabled": False}}))
+    assert one(without_policies, "Role", "ps3-platform-platformctl")["rules"] == PLATFORMCTL_RULES[:-1]
+    pools = one(without_policies, "ConfigMap", "ps3-platform-pools")["data"]["pools.yaml"]
+    assert not parse_pools(pools, "cm").job_network_policies and not by_kind(without_policies, "NetworkPolicy")
 
 
 def test_no_wildcards_and_no_cluster_admin_anywhere(full_objects):
@@ -163,13 +168,54 @@ def test_kueue_quota_for_an_unknown_pool_fails_with_the_pool_list(chart_engine):
         chart_engine.render({"kueue": {"enabled": True, "quotas": {"tpu": {"gpus": 8}}}})
 
 
-def test_network_policy_admits_only_training_peers_and_the_monitoring_namespace(default_objects):
+def test_baseline_network_policy_admits_only_the_monitoring_namespace(default_objects):
     policy = one(default_objects, "NetworkPolicy")["spec"]
     assert policy["policyTypes"] == ["Ingress"]
-    peers, scrape = policy["ingress"]
-    assert peers == {"from": [{"podSelector": {"matchLabels": policy["podSelector"]["matchLabels"]}}]}
+    (scrape,) = policy["ingress"]
     assert scrape["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     assert scrape["ports"] == [{"protocol": "TCP", "port": 9464, "endPort": 9471}]
+
+
+def _admits(policies: list[dict], dst: dict, src: dict, port: int) -> bool:
+    """Kubernetes NetworkPolicy ingress semantics (matchLabels only): pods no policy selects
+    accept anything; selected pods accept what any selecting policy's rule matches."""
+    def matches(selector: dict, labels: dict) -> bool:
+        return selector.get("matchLabels", {}).items() <= labels.items()
+
+    def peer_ok(peer: dict) -> bool:
+        if "namespaceSelector" in peer:
+            ns_ok = matches(peer["namespaceSelector"], {"kubernetes.io/metadata.name": src["namespace"]})
+        else:
+            ns_ok = src["namespace"] == dst["namespace"]
+        return ns_ok and matches(peer.get("podSelector", {}), src["labels"])
+
+    def port_ok(rule: dict) -> bool:
+        return not rule.get("ports") or any(p["port"] <= port <= p.get("endPort", p["port"]) for p in rule["ports"])
+
+    selecting = [p for p in policies if p["metadata"]["namespace"] == dst["namespace"]
+                 and matches(p["spec"]["podSelector"], dst["labels"])]
+    return not selecting or any(port_ok(rule) and any(peer_ok(peer) for peer in rule.get("from", []))
+                                for p in selecting for rule in p["spec"].get("ingress", []))
+
+
+def test_a_jobs_pods_admit_their_own_job_and_prometheus_only(default_objects):
+    """Chart baseline + the per-job policies platformctl creates: two jobs of one namespace are isolated."""
+    pools = parse_pools(one(default_objects, "ConfigMap", "ps3-platform-pools")["data"]["pools.yaml"], "cm")
+    assert pools.job_network_policies
+    policies, pods = list(by_kind(default_objects, "NetworkPolicy")), {}
+    for name in ("alpha", "beta"):
+        objects = compile_job(load_text(MULTI_RANK_JOB.replace("probe", name)).job, pools, namespace="ps3")
+        policies += [o for o in objects if o["kind"] == "NetworkPolicy"]
+        template = next(o for o in objects if o["kind"] == "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Worker"]
+        pods[name] = {"namespace": "ps3", "labels": template["template"]["metadata"]["labels"]}
+    prometheus = {"namespace": "monitoring", "labels": {"app.kubernetes.io/name": "prometheus"}}
+    stranger = {"namespace": "ps3", "labels": {"app": "notebook"}}
+    alpha, beta = pods["alpha"], pods["beta"]
+    assert _admits(policies, alpha, alpha, 29500) and _admits(policies, alpha, alpha, 41234)  # c10d, NCCL
+    assert not _admits(policies, alpha, beta, 29500) and not _admits(policies, beta, alpha, 41234)
+    assert not _admits(policies, alpha, stranger, 29500)
+    assert _admits(policies, alpha, prometheus, 9464) and not _admits(policies, alpha, prometheus, 29500)
+    assert not _admits(policies, alpha, {**prometheus, "namespace": "default"}, 9464)
 
 
 MULTI_RANK_JOB = """
@@ -193,7 +239,7 @@ def test_compiled_training_pods_are_scraped_and_admitted(default_objects):
     assert monitor["selector"]["matchLabels"].items() <= labels.items()
     assert one(default_objects, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
     keep = monitor["podMetricsEndpoints"][0]["relabelings"][0]
-    scrape = one(default_objects, "NetworkPolicy")["spec"]["ingress"][1]["ports"][0]
+    scrape = one(default_objects, "NetworkPolicy")["spec"]["ingress"][0]["ports"][0]
     ports = pod["containers"][0]["ports"]
     metrics = [p for p in ports if re.fullmatch(keep["regex"], p["name"])]
     assert len(metrics) == 8 and all(scrape["port"] <= p["containerPort"] <= scrape["endPort"] for p in metrics)

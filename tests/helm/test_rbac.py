@@ -88,5 +88,6 @@ def test_helm_test_hook_checks_the_same_access(used_access):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     checked = {(group, resource + (f"/{sub}" if sub else ""), verb)
-               for verb, group, resource, sub in module.PLATFORMCTL_ACCESS + module.ARGO_ACCESS}
+               for verb, group, resource, sub in
+               module.PLATFORMCTL_ACCESS + module.ARGO_ACCESS + module.NETWORK_POLICY_ACCESS}
     assert checked == used_access

@@ -4,6 +4,8 @@
 - TrainingJob: ConfigMap `<job>-spec` (the resolved spec), PyTorchJob `<job>-train`.
 - Pipeline: ConfigMap `<job>-spec`, Argo Workflow `<job>` whose DAG creates one
   PyTorchJob `<job>-<stage>` per stage in dependency order.
+- Both: NetworkPolicy `<job>-pods` after the ConfigMap when the pool configuration asks
+  for per-job policies (`jobNetworkPolicies`, set by the Helm chart).
 `to_yaml` prints them as multi-document YAML, byte-identical for the same spec.
 """
 
@@ -18,6 +20,7 @@ from .cluster_advice import cluster_warnings
 from .configmap import SPEC_PATH, configmap_name, spec_configmap
 from .errors import CompileError
 from .labels import JOB_LABEL, SPEC_HASH_ANNOTATION, STAGE_LABEL, job_digest
+from .networkpolicy import job_networkpolicy, networkpolicy_name
 from .options import CompileOptions
 from .pytorchjob import pytorchjob_name, stage_pytorchjob
 from .render import manifest_yaml, to_yaml
@@ -26,7 +29,7 @@ from .workflow import WORKFLOW_POD_LABEL, pipeline_workflow
 __all__ = [
     "CompileError", "CompileOptions", "JOB_LABEL", "SPEC_HASH_ANNOTATION", "SPEC_PATH", "STAGE_LABEL",
     "check_pytorchjob", "check_workflow", "cluster_warnings", "compile_job", "configmap_name", "manifest_yaml",
-    "job_digest", "pytorchjob_name", "pytorchjobs_in", "to_yaml",
+    "job_digest", "networkpolicy_name", "pytorchjob_name", "pytorchjobs_in", "to_yaml",
 ]
 
 
@@ -64,7 +67,10 @@ def compile_job(job: JobSpec, pools: PoolConfig, *, namespace: str | None = None
                          namespace=namespace, options=options, extra_pod_labels=pod_labels)
         for stage in stages
     ]
-    objects = [spec_configmap(job, digest, namespace)]
+    policy = job_networkpolicy(job, digest, namespace) if pools.job_network_policies else None
+    objects = [spec_configmap(job, digest, namespace, network_policy=policy["metadata"]["name"] if policy else None)]
+    if policy:
+        objects.append(policy)
     if is_pipeline:
         objects.append(pipeline_workflow(job, stages, jobs, digest=digest, namespace=namespace, options=options))
     else:

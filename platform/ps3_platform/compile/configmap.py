@@ -12,7 +12,7 @@ import yaml
 
 from ps3_platform.spec import JobSpec, resolved
 
-from .labels import object_annotations, object_labels
+from .labels import NETWORK_POLICY_ANNOTATION, object_annotations, object_labels
 
 SPEC_DIR = "/etc/ps3-platform"
 SPEC_KEY = "spec.yaml"
@@ -29,12 +29,13 @@ def spec_text(job: JobSpec) -> str:
     return yaml.safe_dump(resolved(job), sort_keys=True, default_flow_style=False, width=120)
 
 
-def spec_configmap(job: JobSpec, digest: str, namespace: str | None) -> dict:
-    metadata: dict = {
-        "name": configmap_name(job.metadata.name),
-        "labels": object_labels(job, "spec"),
-        "annotations": object_annotations(job, digest),
-    }
+def spec_configmap(job: JobSpec, digest: str, namespace: str | None, network_policy: str | None = None) -> dict:
+    """`network_policy`: the job's NetworkPolicy, recorded so that cancel deletes it too."""
+    annotations = object_annotations(job, digest)
+    if network_policy:
+        annotations[NETWORK_POLICY_ANNOTATION] = network_policy
+    metadata: dict = {"name": configmap_name(job.metadata.name), "labels": object_labels(job, "spec"),
+                      "annotations": annotations}
     if namespace:
         metadata["namespace"] = namespace
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": {SPEC_KEY: spec_text(job)}}

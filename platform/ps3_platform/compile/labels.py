@@ -19,6 +19,8 @@ JOB_LABEL = "ps3.platform/job"
 STAGE_LABEL = "ps3.platform/stage"
 SPEC_HASH_ANNOTATION = "ps3.platform/spec-hash"
 KIND_ANNOTATION = "ps3.platform/kind"
+#: On the spec ConfigMap: the job's NetworkPolicy, so cancel knows to delete it.
+NETWORK_POLICY_ANNOTATION = "ps3.platform/network-policy"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 #: Set by the training operator on every pod it creates (used to find a stage's pods).
 OPERATOR_JOB_NAME_LABEL = "training.kubeflow.org/job-name"

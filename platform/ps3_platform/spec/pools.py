@@ -34,9 +34,12 @@ class Pool(BaseModel):
 
 
 class PoolConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
 
     pools: dict[str, Pool]
+    job_network_policies: bool = Field(
+        False, description="Give every job a NetworkPolicy admitting only its own pods (the chart sets this "
+                           "with networkPolicy.enabled, whose baseline policy admits metrics scraping).")
 
 
 class PoolConfigError(Exception):

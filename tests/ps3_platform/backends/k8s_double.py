@@ -26,12 +26,15 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 CORE = "/api/v1"
+NETWORKING = "/apis/networking.k8s.io/v1"
 KUBEFLOW = "/apis/kubeflow.org/v1"
 ARGO = "/apis/argoproj.io/v1alpha1"
 _PATH = re.compile(r"^(?P<gv>/api/v1|/apis/[^/]+/[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
                    r"(?:/(?P<name>[^/]+)(?:/(?P<sub>log|status))?)?$")
-_KINDS = {"configmaps": "ConfigMap", "pods": "Pod", "pytorchjobs": "PyTorchJob", "workflows": "Workflow"}
-_GROUPS = {"configmaps": "", "pods": "", "pytorchjobs": "kubeflow.org", "workflows": "argoproj.io"}
+_KINDS = {"configmaps": "ConfigMap", "pods": "Pod", "networkpolicies": "NetworkPolicy", "pytorchjobs": "PyTorchJob",
+          "workflows": "Workflow"}
+_GROUPS = {"configmaps": "", "pods": "", "networkpolicies": "networking.k8s.io", "pytorchjobs": "kubeflow.org",
+           "workflows": "argoproj.io"}
 T0 = "2026-11-24T07:00:00Z"
 
 #: The two jobs the backend tests submit to the double (a 2-node TrainingJob and a 2-stage Pipeline).
@@ -129,7 +132,7 @@ class ApiServerDouble:
         self.requests: list[Request] = []
         self.unexpected: list[Request] = []
         self.store: dict[str, dict[str, dict]] = {}  # collection path -> name -> object
-        self.installed = {CORE, KUBEFLOW, ARGO}
+        self.installed = {CORE, NETWORKING, KUBEFLOW, ARGO}
         self.forbidden: set[tuple[str, str]] = set()  # (verb, plural)
         self.pod_logs: dict[tuple[str, str], list[str]] = {}
         self.follow_delay = 0.01

@@ -22,7 +22,7 @@ from ps3_platform.backends.kubernetes.api import CONFIGMAP, PYTORCHJOB, WORKFLOW
 from ps3_platform.backends.kubernetes.logs import split_lines
 from ps3_platform.backends.kubernetes.status import parse_progress, pytorchjob_phase, ranked_pods
 from ps3_platform.compile import compile_job
-from ps3_platform.spec import PoolConfigError, load_pools, load_text
+from ps3_platform.spec import PoolConfigError, load_pools, load_text, parse_pools
 
 
 def _load_double():
@@ -38,6 +38,7 @@ NS = "team-a"
 KF = f"/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs"
 ARGO = f"/apis/argoproj.io/v1alpha1/namespaces/{NS}/workflows"
 CM = f"/api/v1/namespaces/{NS}/configmaps"
+NP = f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies"
 PODS = f"/api/v1/namespaces/{NS}/pods"
 FOREGROUND = {"propagationPolicy": "Foreground"}
 
@@ -154,10 +155,11 @@ def test_fetch_pools_missing_or_broken(server, backend, tmp_path):
 # ---- submit -----------------------------------------------------------------------------
 def test_submit_training_job_exact_requests(server, backend):
     job, objects = compiled(TRAINING)
-    cm, pj = objects
+    cm, policy, pj = objects
     result = backend.submit(job, objects)
     assert result.created
-    assert result.message == "job 'exp' created in namespace 'team-a': ConfigMap exp-spec, PyTorchJob exp-train"
+    assert result.message == ("job 'exp' created in namespace 'team-a': ConfigMap exp-spec, NetworkPolicy exp-pods, "
+                              "PyTorchJob exp-train")
     uid = server.get(kd.KUBEFLOW, NS, "pytorchjobs", "exp-train")["metadata"]["uid"]
     owner = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "name": "exp-train", "uid": uid,
              "blockOwnerDeletion": False}
@@ -165,8 +167,10 @@ def test_submit_training_job_exact_requests(server, backend):
         ("GET", f"{KF}/exp-train", {}, None),
         ("GET", f"{CM}/exp-spec", {}, None),
         ("POST", CM, {}, with_ns(cm)),
+        ("POST", NP, {}, with_ns(policy)),
         ("POST", KF, {}, with_ns(pj)),
         ("PATCH", f"{CM}/exp-spec", {}, {"metadata": {"ownerReferences": [owner]}}),
+        ("PATCH", f"{NP}/exp-pods", {}, {"metadata": {"ownerReferences": [owner]}}),
     ]
     assert server.requests[-1].headers["content-type"] == "application/strategic-merge-patch+json"
 
@@ -176,8 +180,10 @@ def test_submit_uses_the_namespace_the_objects_name(server, backend):
     objects = compile_job(job, load_pools(), namespace="vision")
     backend.submit(job, objects)
     assert [c[1] for c in writes(server)] == ["/api/v1/namespaces/vision/configmaps",
+                                              "/apis/networking.k8s.io/v1/namespaces/vision/networkpolicies",
                                               "/apis/kubeflow.org/v1/namespaces/vision/pytorchjobs",
-                                              "/api/v1/namespaces/vision/configmaps/exp-spec"]
+                                              "/api/v1/namespaces/vision/configmaps/exp-spec",
+                                              "/apis/networking.k8s.io/v1/namespaces/vision/networkpolicies/exp-pods"]
 
 
 def test_resubmit_same_spec_is_unchanged_and_writes_nothing(server, backend):
@@ -210,16 +216,18 @@ def test_replace_deletes_waits_for_foreground_deletion_and_recreates(server, bac
         ("GET", f"{CM}/exp-spec"),
         ("GET", KF),
         ("DELETE", f"{KF}/exp-train"),
+        ("DELETE", f"{NP}/exp-pods"),
         ("DELETE", f"{CM}/exp-spec"),
         ("GET", f"{KF}/exp-train"), ("GET", f"{KF}/exp-train"), ("GET", f"{KF}/exp-train"),
+        ("GET", f"{NP}/exp-pods"), ("GET", f"{NP}/exp-pods"), ("GET", f"{NP}/exp-pods"),
         ("GET", f"{CM}/exp-spec"), ("GET", f"{CM}/exp-spec"), ("GET", f"{CM}/exp-spec"),
-        ("POST", CM), ("POST", KF), ("PATCH", f"{CM}/exp-spec"),
+        ("POST", CM), ("POST", NP), ("POST", KF), ("PATCH", f"{CM}/exp-spec"), ("PATCH", f"{NP}/exp-pods"),
     ]
     deletes = [c for c in calls(server) if c[0] == "DELETE"]
     assert all(body == FOREGROUND for *_, body in deletes)
     assert calls(server)[2][2] == {"labelSelector": "ps3.platform/job=exp"}
     stored = server.get(kd.KUBEFLOW, NS, "pytorchjobs", "exp-train")
-    assert stored["metadata"]["annotations"] == objects[1]["metadata"]["annotations"]
+    assert stored["metadata"]["annotations"] == objects[2]["metadata"]["annotations"]
 
 
 def test_replace_of_a_pipeline_waits_for_its_stage_jobs(server, backend):
@@ -231,11 +239,13 @@ def test_replace_of_a_pipeline_waits_for_its_stage_jobs(server, backend):
     backend.submit(*compiled(PIPELINE, ["spec.stages.0.train.steps=5"]), replace=True)
     assert [c[:2] for c in calls(server)] == [
         ("GET", f"{ARGO}/pipe"), ("GET", f"{CM}/pipe-spec"), ("GET", KF),
-        ("DELETE", f"{ARGO}/pipe"), ("DELETE", f"{KF}/pipe-prep"), ("DELETE", f"{CM}/pipe-spec"),
+        ("DELETE", f"{ARGO}/pipe"), ("DELETE", f"{KF}/pipe-prep"), ("DELETE", f"{NP}/pipe-pods"),
+        ("DELETE", f"{CM}/pipe-spec"),
         ("GET", f"{ARGO}/pipe"), ("GET", f"{ARGO}/pipe"),
         ("GET", f"{KF}/pipe-prep"), ("GET", f"{KF}/pipe-prep"),
+        ("GET", f"{NP}/pipe-pods"), ("GET", f"{NP}/pipe-pods"),
         ("GET", f"{CM}/pipe-spec"), ("GET", f"{CM}/pipe-spec"),
-        ("POST", CM), ("POST", ARGO), ("PATCH", f"{CM}/pipe-spec"),
+        ("POST", CM), ("POST", NP), ("POST", ARGO), ("PATCH", f"{CM}/pipe-spec"), ("PATCH", f"{NP}/pipe-pods"),
     ]
 
 
@@ -250,18 +260,21 @@ def test_replace_times_out_when_deletion_hangs(server, tmp_path):
 
 def test_submit_pipeline_creates_the_workflow(server, backend):
     job, objects = compiled(PIPELINE)
-    cm, wf = objects
+    cm, policy, wf = objects
     result = backend.submit(job, objects)
-    assert result.message == "job 'pipe' created in namespace 'team-a': ConfigMap pipe-spec, Workflow pipe"
+    assert result.message == ("job 'pipe' created in namespace 'team-a': ConfigMap pipe-spec, NetworkPolicy pipe-pods, "
+                              "Workflow pipe")
     uid = server.get(kd.ARGO, NS, "workflows", "pipe")["metadata"]["uid"]
+    owner = {"metadata": {"ownerReferences": [{"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "name": "pipe",
+                                               "uid": uid, "blockOwnerDeletion": False}]}}
     assert calls(server) == [
         ("GET", f"{ARGO}/pipe", {}, None),
         ("GET", f"{CM}/pipe-spec", {}, None),
         ("POST", CM, {}, with_ns(cm)),
+        ("POST", NP, {}, with_ns(policy)),
         ("POST", ARGO, {}, with_ns(wf)),
-        ("PATCH", f"{CM}/pipe-spec", {}, {"metadata": {"ownerReferences": [
-            {"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "name": "pipe", "uid": uid,
-             "blockOwnerDeletion": False}]}}),
+        ("PATCH", f"{CM}/pipe-spec", {}, owner),
+        ("PATCH", f"{NP}/pipe-pods", {}, owner),
     ]
 
 
@@ -277,8 +290,8 @@ def test_leftover_configmap_is_replaced(server, backend):
     server.put(kd.CORE, NS, "configmaps", {"metadata": {"name": "exp-spec"}, "data": {"spec.yaml": "old"}})
     server.clear_requests()
     backend.submit(job, objects)
-    assert [c[:2] for c in writes(server)] == [("POST", CM), ("PUT", f"{CM}/exp-spec"), ("POST", KF),
-                                               ("PATCH", f"{CM}/exp-spec")]
+    assert [c[:2] for c in writes(server)] == [("POST", CM), ("PUT", f"{CM}/exp-spec"), ("POST", NP), ("POST", KF),
+                                               ("PATCH", f"{CM}/exp-spec"), ("PATCH", f"{NP}/exp-pods")]
     assert server.get(kd.CORE, NS, "configmaps", "exp-spec")["data"] == objects[0]["data"]
 
 
@@ -304,8 +317,10 @@ def test_forbidden_create_names_verb_and_resource_and_cleans_up(server, backend)
         "permission denied: cannot create pytorchjobs.kubeflow.org in namespace 'team-a' (pytorchjobs.kubeflow.org is "
         'forbidden: User "alice" cannot create resource "pytorchjobs" in API group "kubeflow.org" in the namespace '
         "\"team-a\"); ask a cluster admin for a Role that allows 'create' on pytorchjobs.kubeflow.org")
-    assert [c[:2] for c in writes(server)] == [("POST", CM), ("POST", KF), ("DELETE", f"{CM}/exp-spec")]
+    assert [c[:2] for c in writes(server)] == [("POST", CM), ("POST", NP), ("POST", KF), ("DELETE", f"{CM}/exp-spec"),
+                                               ("DELETE", f"{NP}/exp-pods")]
     assert server.get(kd.CORE, NS, "configmaps", "exp-spec") is None
+    assert server.get(kd.NETWORKING, NS, "networkpolicies", "exp-pods") is None
 
 
 def test_owner_reference_failure_is_a_warning(server, backend):
@@ -517,11 +532,13 @@ def test_cancel_training_job(server, backend):
     backend.submit(*compiled(TRAINING))
     server.clear_requests()
     message = backend.cancel("exp")
-    assert message == "job 'exp' cancelled in namespace 'team-a': deleted PyTorchJob exp-train, ConfigMap exp-spec"
+    assert message == ("job 'exp' cancelled in namespace 'team-a': deleted PyTorchJob exp-train, NetworkPolicy exp-pods, "
+                       "ConfigMap exp-spec")
     assert calls(server) == [
         ("GET", f"{CM}/exp-spec", {}, None),
         ("GET", KF, {"labelSelector": "ps3.platform/job=exp"}, None),
         ("DELETE", f"{KF}/exp-train", {}, FOREGROUND),
+        ("DELETE", f"{NP}/exp-pods", {}, FOREGROUND),
         ("DELETE", f"{CM}/exp-spec", {}, FOREGROUND),
     ]
     with pytest.raises(JobNotFoundError, match="job 'exp' not found"):
@@ -532,9 +549,11 @@ def test_cancel_pipeline_deletes_the_workflow_first(server, backend):
     backend.submit(*compiled(PIPELINE))
     server.put(kd.KUBEFLOW, NS, "pytorchjobs", {"metadata": {"name": "pipe-prep", "labels": {"ps3.platform/job": "pipe"}}})
     server.clear_requests()
-    assert backend.cancel("pipe").endswith("deleted Workflow pipe, PyTorchJob pipe-prep, ConfigMap pipe-spec")
+    assert backend.cancel("pipe").endswith(
+        "deleted Workflow pipe, PyTorchJob pipe-prep, NetworkPolicy pipe-pods, ConfigMap pipe-spec")
     assert [c[:2] for c in calls(server) if c[0] == "DELETE"] == [
-        ("DELETE", f"{ARGO}/pipe"), ("DELETE", f"{KF}/pipe-prep"), ("DELETE", f"{CM}/pipe-spec")]
+        ("DELETE", f"{ARGO}/pipe"), ("DELETE", f"{KF}/pipe-prep"), ("DELETE", f"{NP}/pipe-pods"),
+        ("DELETE", f"{CM}/pipe-spec")]
 
 
 def test_cancel_unknown_job(server, backend):
@@ -625,3 +644,13 @@ def test_platformctl_submit_status_logs_cancel(server, tmp_path, monkeypatch, ca
     assert "deleted PyTorchJob exp-train, ConfigMap exp-spec" in capsys.readouterr().out
     assert main(["status", "exp"]) == 1
     assert "error: job 'exp' not found in namespace 'team-a'" in capsys.readouterr().err
+
+
+def test_without_job_network_policies_only_the_configmap_is_created(server, backend):
+    """Clusters whose chart has networkPolicy.enabled=false: no policy, and cancel does not ask for one."""
+    job = load_text(TRAINING).job
+    objects = compile_job(job, parse_pools(POOLS_YAML + "\njobNetworkPolicies: false\n", "test"))
+    assert [o["kind"] for o in objects] == ["ConfigMap", "PyTorchJob"]
+    backend.submit(job, objects)
+    backend.cancel("exp")
+    assert not [c for c in calls(server) if "networkpolicies" in c[1]]

@@ -33,7 +33,7 @@ def pytorchjob() -> dict:
 
 @pytest.fixture
 def workflow() -> dict:
-    return compile_job(load_text(PIPELINE).job, load_pools())[1]
+    return next(o for o in compile_job(load_text(PIPELINE).job, load_pools()) if o["kind"] == "Workflow")
 
 
 def _set(obj: dict, path: str, value) -> None:
@@ -138,7 +138,7 @@ def test_workflow_dag_order_and_conditions(workflow):
 
 def test_worker_only_stage_conditions_test_workers():
     text = PIPELINE.replace("{name: second, task: noop,", "{name: second, task: noop, elastic: {minNodes: 1, maxNodes: 2},")
-    workflow = compile_job(load_text(text).job, load_pools())[1]
+    workflow = next(o for o in compile_job(load_text(text).job, load_pools()) if o["kind"] == "Workflow")
     resource = workflow["spec"]["templates"][2]["resource"]
     assert resource["successCondition"] == "status.replicaStatuses.Worker.succeeded > 0"
     assert resource["failureCondition"] == "status.replicaStatuses.Worker.failed > 0"

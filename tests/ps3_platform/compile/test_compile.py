@@ -41,6 +41,7 @@ pools:
     kueueQueue: team-a
     schedulerQueue: gang-a
     priorityClass: ps3-batch
+jobNetworkPolicies: true
 """, "test-pools")
 
 INLINE = {
@@ -146,9 +147,10 @@ def test_workflows_validate_against_crd(compiled, workflow_validator):
 
 def test_core_objects_validate_with_kubernetes_validate(compiled):
     _, objects = compiled
-    configmaps = [o for o in objects if o["kind"] == "ConfigMap"]
-    assert len(configmaps) == 1
-    kubernetes_validate.validate(configmaps[0], K8S_VERSION, strict=True)
+    core = [o for o in objects if o["kind"] in ("ConfigMap", "NetworkPolicy")]
+    assert [o["kind"] for o in core] == ["ConfigMap", "NetworkPolicy"]
+    for obj in core:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     # The pod templates, checked as the Pods the operator will create from them.
     for obj in pytorchjobs_in(objects):
         for rtype, rspec in obj["spec"]["pytorchReplicaSpecs"].items():
@@ -264,7 +266,7 @@ def test_configmap_holds_the_resolved_spec_the_runtime_can_load(compiled):
 def test_objects_are_created_in_dependency_order(compiled):
     job, objects = compiled
     kinds = [o["kind"] for o in objects]
-    assert kinds == (["ConfigMap", "Workflow"] if job.kind == "Pipeline" else ["ConfigMap", "PyTorchJob"])
+    assert kinds == ["ConfigMap", "NetworkPolicy", "Workflow" if job.kind == "Pipeline" else "PyTorchJob"]
 
 
 def test_every_object_carries_hash_and_labels(compiled):

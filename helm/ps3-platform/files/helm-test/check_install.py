@@ -23,6 +23,7 @@ PLATFORMCTL_ACCESS = [
     ("get", "", "pods", "log"),
 ]
 ARGO_ACCESS = [(v, "argoproj.io", "workflows", "") for v in ("create", "get", "list", "delete")]
+NETWORK_POLICY_ACCESS = [(v, "networking.k8s.io", "networkpolicies", "") for v in ("create", "get", "patch", "delete")]
 
 
 def check_pools(core: client.CoreV1Api, namespace: str) -> list[str]:
@@ -84,7 +85,8 @@ def main() -> int:
     failures = check_pools(client.CoreV1Api(), namespace)
     failures += check_pytorchjob_api(client.CustomObjectsApi(), namespace)
     if os.environ.get("CHECK_RBAC") == "1":
-        wanted = PLATFORMCTL_ACCESS + (ARGO_ACCESS if os.environ.get("CHECK_ARGO") == "1" else [])
+        wanted = (PLATFORMCTL_ACCESS + (ARGO_ACCESS if os.environ.get("CHECK_ARGO") == "1" else [])
+                  + (NETWORK_POLICY_ACCESS if os.environ.get("CHECK_NETWORK_POLICIES") == "1" else []))
         failures += check_access(client.AuthorizationV1Api(), namespace, wanted)
     if os.environ.get("STORAGE_SECRET"):
         failures += check_storage()

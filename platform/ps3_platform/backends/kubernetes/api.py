@@ -1,6 +1,6 @@
 """A small dict-in, dict-out layer over the `kubernetes` client, with one-line errors.
 
-Everything the backend does is get/list/create/replace/patch/delete of four resources
+Everything the backend does is get/list/create/replace/patch/delete of five resources
 plus pod logs, so they are addressed uniformly by a `Resource` descriptor instead of
 the client's per-kind method names. Responses are read as plain JSON (`_preload_content
 =False`): the backend needs a few fields, not the client's typed models.
@@ -33,14 +33,16 @@ class Resource:
     group: str = ""  # "" = core API
     version: str = "v1"
     missing_api: str = ""  # message when the API (CRD) is not served
+    typed: str = ""  # built-in kinds: the typed client's method stem ("config_map"); "" = custom object
 
     @property
     def qualified(self) -> str:
         return f"{self.plural}.{self.group}" if self.group else self.plural
 
 
-CONFIGMAP = Resource("ConfigMap", "configmaps")
-POD = Resource("Pod", "pods")
+CONFIGMAP = Resource("ConfigMap", "configmaps", typed="config_map")
+POD = Resource("Pod", "pods", typed="pod")
+NETWORKPOLICY = Resource("NetworkPolicy", "networkpolicies", "networking.k8s.io", typed="network_policy")
 PYTORCHJOB = Resource(
     "PyTorchJob", "pytorchjobs", "kubeflow.org", "v1",
     "PyTorchJob CRD not installed in cluster: install the Kubeflow training operator or "
@@ -51,9 +53,7 @@ WORKFLOW = Resource(
     "ps3-platform chart), or submit each stage as a TrainingJob")
 
 #: Only for error messages: RBAC names logs as the `pods/log` subresource.
-POD_LOG = Resource("Pod", "pods/log")
-
-_CORE_METHOD = {"configmaps": "config_map", "pods": "pod"}
+POD_LOG = Resource("Pod", "pods/log", typed="pod")
 
 
 class ApiMissing(BackendError):
@@ -81,7 +81,7 @@ def api_error(exc: ApiException, verb: str, res: Resource, name: str | None, nam
     if exc.status == 404 and verb == "create" and details.get("kind") == "namespaces":
         return BackendError(f"namespace {namespace!r} does not exist; create it or choose another with -n")
     if exc.status == 404:
-        if res.group and not ((body or {}).get("details") or {}).get("name"):
+        if not res.typed and not ((body or {}).get("details") or {}).get("name"):
             return ApiMissing(res.missing_api)
         return JobNotFoundError(f"{target} not found in namespace {namespace!r}")
     if exc.status == 403:
@@ -106,6 +106,7 @@ class Kube:
         self.api_client = api_client
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self._typed = {"": self.core, "networking.k8s.io": client.NetworkingV1Api(api_client)}
 
     @property
     def host(self) -> str:
@@ -122,14 +123,14 @@ class Kube:
             raise BackendError(f"cannot reach the Kubernetes API server at {self.host}: {reason}") from None
 
     def _method(self, verb: str, res: Resource) -> tuple[Callable, tuple]:
-        if res.group:
+        if not res.typed:
             return getattr(self.custom, f"{verb}_namespaced_custom_object"), (res.group, res.version)
-        return getattr(self.core, f"{verb}_namespaced_{_CORE_METHOD[res.plural]}"), ()
+        return getattr(self._typed[res.group], f"{verb}_namespaced_{res.typed}"), ()
 
     def _json(self, verb: str, res: Resource, name: str | None, ns: str, *args, **kwargs) -> dict:
-        api_verb = {"get": "read" if not res.group else "get"}.get(verb, verb)
+        api_verb = {"get": "get" if not res.typed else "read"}.get(verb, verb)
         fn, prefix = self._method(api_verb, res)
-        if res.group:
+        if not res.typed:
             call_args = (*prefix, ns, res.plural, *args)
         elif verb in ("list", "create"):
             call_args = (ns, *args)

@@ -1,13 +1,14 @@
 """The Kubernetes backend: jobs are compiled objects in a namespace, driven by operators.
 
-- submit: ConfigMap(s) first (pods mount them), then the PyTorchJob (TrainingJob) or
-  Argo Workflow (Pipeline); then the ConfigMaps get an owner reference to it, so the
-  operator's ttlSecondsAfterFinished (or a Workflow's deletion) removes them too.
+- submit: the ConfigMap (pods mount it) and the job's NetworkPolicy first, then the
+  PyTorchJob (TrainingJob) or Argo Workflow (Pipeline); then those get an owner reference
+  to it, so the operator's ttlSecondsAfterFinished (or a Workflow's deletion) removes them too.
   Idempotent: the `ps3.platform/spec-hash` annotation tells "unchanged" from "changed".
 - status/list: PyTorchJob conditions (and the Workflow phase for Pipelines), the stage
   list from the job's spec ConfigMap, progress from the tail of the rank-0 pod log.
 - logs: pods by the operator's `training.kubeflow.org/job-name` label.
-- cancel: Workflow, PyTorchJobs and ConfigMap, Foreground propagation.
+- cancel: Workflow, PyTorchJobs, ConfigMap and NetworkPolicy (the ConfigMap's annotation
+  says whether there is one), Foreground propagation.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ps3_platform.compile.labels import (
     COMPONENT_LABEL,
     JOB_LABEL,
     KIND_ANNOTATION,
+    NETWORK_POLICY_ANNOTATION,
     OPERATOR_JOB_NAME_LABEL,
     SPEC_HASH_ANNOTATION,
     STAGE_LABEL,
@@ -42,11 +44,13 @@ from ps3_platform.spec import (
 
 from ..base import Backend, BackendError, JobNotFoundError, JobStatus, StageStatus, SubmitResult
 from . import status as st
-from .api import CONFIGMAP, POD, PYTORCHJOB, WORKFLOW, Conflict, Kube, Resource
+from .api import CONFIGMAP, NETWORKPOLICY, POD, PYTORCHJOB, WORKFLOW, Conflict, Kube, Resource
 from .config import connect
 from .logs import follow_streams, prefixed
 
-RESOURCES = {"ConfigMap": CONFIGMAP, "PyTorchJob": PYTORCHJOB, "Workflow": WORKFLOW}
+RESOURCES = {"ConfigMap": CONFIGMAP, "NetworkPolicy": NETWORKPOLICY, "PyTorchJob": PYTORCHJOB, "Workflow": WORKFLOW}
+#: Created before the workload and owned by it.
+SUPPORT_KINDS = ("ConfigMap", "NetworkPolicy")
 MANAGED = f"app.kubernetes.io/managed-by={BASE_LABELS['app.kubernetes.io/managed-by']}"
 #: Log lines read to find a running stage's progress.
 PROGRESS_TAIL_LINES = 200
@@ -94,8 +98,8 @@ class KubernetesBackend(Backend):
             raise BackendError(f"job {name!r}: nothing to submit (compile the spec for the kubernetes backend first)")
         ns = next((o["metadata"]["namespace"] for o in objects if o["metadata"].get("namespace")), self.namespace)
         objects = [{**o, "metadata": {**o["metadata"], "namespace": ns}} for o in objects]
-        configmaps = [o for o in objects if o["kind"] == "ConfigMap"]
-        workloads = [o for o in objects if o["kind"] != "ConfigMap"]
+        support = [o for o in objects if o["kind"] in SUPPORT_KINDS]
+        workloads = [o for o in objects if o["kind"] not in SUPPORT_KINDS]
         new_hash = _meta(workloads[0], SPEC_HASH_ANNOTATION)
         live = self._live_record(job, workloads[0], ns)
         if live is not None:
@@ -107,9 +111,9 @@ class KubernetesBackend(Backend):
                     f"job {name!r} already exists in namespace {ns!r} with a different spec (spec-hash "
                     f"{str(old_hash)[:12]} -> {str(new_hash)[:12]}); use --replace to delete and recreate it")
             deleted = self._delete_all(name, ns)
-            new = [(RESOURCES[o["kind"]], o["metadata"]["name"]) for o in workloads + configmaps]
+            new = [(RESOURCES[o["kind"]], o["metadata"]["name"]) for o in workloads + support]
             self._wait_deleted(deleted + [item for item in new if item not in deleted], ns)
-        return self._create(name, ns, configmaps, workloads, replaced=live is not None)
+        return self._create(name, ns, support, workloads, replaced=live is not None)
 
     def _live_record(self, job: JobSpec, primary: dict, ns: str) -> dict | None:
         """The running object this submit would collide with: the workload itself, or a
@@ -122,34 +126,36 @@ class KubernetesBackend(Backend):
             return cm
         return None
 
-    def _create(self, name: str, ns: str, configmaps: list[dict], workloads: list[dict], *, replaced: bool):
-        for cm in configmaps:
+    def _create(self, name: str, ns: str, support: list[dict], workloads: list[dict], *, replaced: bool):
+        for obj in support:
             try:
-                self.kube.create(CONFIGMAP, cm, ns)
+                self.kube.create(RESOURCES[obj["kind"]], obj, ns)
             except Conflict:
-                self.kube.replace(CONFIGMAP, cm, ns)  # a leftover of an earlier job: no workload uses it
+                self.kube.replace(RESOURCES[obj["kind"]], obj, ns)  # a leftover of an earlier job: no workload uses it
         created = []
         try:
             for obj in workloads:
                 created.append(self.kube.create(RESOURCES[obj["kind"]], obj, ns))
         except BackendError:
-            for cm in configmaps:  # do not leave a spec behind that no job uses
-                self.kube.delete(CONFIGMAP, cm["metadata"]["name"], ns)
+            for obj in support:  # do not leave a spec or policy behind that no job uses
+                self.kube.delete(RESOURCES[obj["kind"]], obj["metadata"]["name"], ns)
             raise
-        warning = self._adopt(configmaps, created[0], ns)
-        names = ", ".join(f"{o['kind']} {o['metadata']['name']}" for o in configmaps + workloads)
+        warning = self._adopt(support, created[0], ns)
+        names = ", ".join(f"{o['kind']} {o['metadata']['name']}" for o in support + workloads)
         verb = "replaced" if replaced else "created"
         return SubmitResult(name, True, f"job {name!r} {verb} in namespace {ns!r}: {names}{warning}")
 
-    def _adopt(self, configmaps: list[dict], owner: dict, ns: str) -> str:
-        """Make the workload own the ConfigMaps (garbage-collected with it); best effort."""
+    def _adopt(self, support: list[dict], owner: dict, ns: str) -> str:
+        """Make the workload own the ConfigMap and policy (garbage-collected with it); best effort."""
         ref = {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": owner["metadata"]["name"],
                "uid": owner["metadata"]["uid"], "blockOwnerDeletion": False}
-        for cm in configmaps:
+        for obj in support:
+            what = f"{obj['kind']} {obj['metadata']['name']}"
             try:
-                self.kube.patch(CONFIGMAP, cm["metadata"]["name"], {"metadata": {"ownerReferences": [ref]}}, ns)
+                self.kube.patch(RESOURCES[obj["kind"]], obj["metadata"]["name"],
+                                {"metadata": {"ownerReferences": [ref]}}, ns)
             except BackendError as exc:
-                return f" (warning: ConfigMap {cm['metadata']['name']} will not be garbage-collected: {exc})"
+                return f" (warning: {what} will not be garbage-collected: {exc})"
         return ""
 
     def _wait_deleted(self, objects: list[tuple[Resource, str]], ns: str) -> None:
@@ -298,6 +304,8 @@ class KubernetesBackend(Backend):
         if _meta(cm, KIND_ANNOTATION) in (None, "Pipeline"):
             targets.append((WORKFLOW, name))
         targets += [(PYTORCHJOB, j["metadata"]["name"]) for j in self.kube.list(PYTORCHJOB, ns, f"{JOB_LABEL}={name}")]
+        if policy := _meta(cm, NETWORK_POLICY_ANNOTATION):
+            targets.append((NETWORKPOLICY, policy))
         if cm is not None:
             targets.append((CONFIGMAP, configmap_name(name)))
         return [(res, obj_name) for res, obj_name in targets if self.kube.delete(res, obj_name, ns)]
