@@ -175,16 +175,18 @@ def test_s3_outage_of_30s_during_training_is_survived(tmp_path):
         backend.submit(_job("outage", uri, steps=60, step_seconds=0.1, async_="true"), [])
         _wait_for(lambda: len(_steps_logged(backend, "outage")) >= 6, what="first checkpoint")
         server.stop()
-        time.sleep(30)
+        stopped = time.monotonic()
+        # Whichever rank was uploading when the store went away logs its retries; a rank
+        # whose files were already up only waits for the manifest, so read every rank. On
+        # a busy machine the next upload may start late: wait for its first failure.
+        _wait_for(lambda: "failed (attempt 1), retrying in" in "\n".join(backend.logs("outage")),
+                  what="an upload to fail and be retried", timeout=90)
+        time.sleep(max(0.0, 30 - (time.monotonic() - stopped)))
         server.start()
         assert backend.wait("outage", follow=False, poll_s=0.5) == 0, backend.status("outage")
         _, counters = _final_state(uri, "outage")
         assert counters.step == 60
-        # Whichever rank was uploading when the store went away logs its retries; a rank
-        # whose files were already up only waits for the manifest, so read every rank.
-        logs = "\n".join(backend.logs("outage"))
-        assert "failed (attempt 1), retrying in" in logs
-        assert "giving up" not in logs
+        assert "giving up" not in "\n".join(backend.logs("outage"))
     finally:
         server.stop()
         for key in server.env:
