@@ -244,3 +244,10 @@ def chart_rule_groups():
         return next(o for _, o in objs if o["kind"] == "PrometheusRule")["spec"]["groups"]
 
     return render
+
+
+@pytest.fixture(scope="session")
+def chart_pod_monitor() -> dict:
+    """The chart's rendered PodMonitor for training pods (default values)."""
+    engine = _chart_engine()
+    return next(o for _, o in engine.objects(engine.render({})) if o["kind"] == "PodMonitor")

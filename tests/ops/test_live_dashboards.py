@@ -1,10 +1,10 @@
 """A real Prometheus scrapes training workers plus DCGM/kube-state-metrics fixtures on
 loopback, loads the chart's rules, and every query of every dashboard panel returns data.
 
-Labels are attached the way the chart's scrape objects attach them in a cluster: workers
-with honor_labels (their own `job` label is the training job) plus namespace/pod/node/
-ps3_job/ps3_stage target labels (PodMonitor); DCGM with honor_labels and `node`
-(ServiceMonitor); kube-state-metrics with honor_labels.
+Workers are scraped through the chart's rendered PodMonitor: pod-discovery meta labels on
+static targets, then the operator's and the chart's relabelings, applied by Prometheus (so
+a changed relabeling in the chart shows here as a dashboard without data). DCGM with
+honor_labels and `node` (ServiceMonitor); kube-state-metrics with honor_labels.
 """
 
 from __future__ import annotations
@@ -30,27 +30,66 @@ RATE_INTERVAL = "10s"
 DATA_TIMEOUT_S = 60
 
 
-def scrape_config(targets, exporters, rules_file: Path) -> dict:
-    training = [{"targets": [t.address], "labels": {"namespace": exporters.namespace, "pod": t.pod, "node": t.node,
-                                                    "container": "pytorch", "ps3_job": t.job, "ps3_stage": t.stage}}
-                for t in targets]
+def _meta_label(name: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+
+def _pod_meta(target, namespace: str, port_name: str) -> dict[str, str]:
+    """The `__meta_kubernetes_pod_*` labels Kubernetes service discovery gives a training pod's port."""
+    labels = {"app.kubernetes.io/part-of": "ps3-platform", "app.kubernetes.io/component": "training",
+              "ps3.platform/job": target.job, "ps3.platform/stage": target.stage}
+    return {"__meta_kubernetes_namespace": namespace, "__meta_kubernetes_pod_name": target.pod,
+            "__meta_kubernetes_pod_node_name": target.node, "__meta_kubernetes_pod_container_name": "pytorch",
+            "__meta_kubernetes_pod_container_port_name": port_name,
+            **{f"__meta_kubernetes_pod_label_{_meta_label(k)}": v for k, v in labels.items()}}
+
+
+def _relabel(rule: dict) -> dict:
+    """A PodMonitor relabeling (camelCase) as a Prometheus relabel_config."""
+    names = {"sourceLabels": "source_labels", "targetLabel": "target_label"}
+    out = {names.get(k, k): v for k, v in rule.items()}
+    out["action"] = out.get("action", "replace").lower()
+    return out
+
+
+def training_scrape_job(pod_monitor: dict, targets, namespace: str) -> dict:
+    """What prometheus-operator generates from the chart's PodMonitor, with static targets
+    standing in for pod discovery: its selector, the operator's namespace/pod/container
+    labels, then the chart's own relabelings, all applied by Prometheus itself. A non-metrics
+    port is offered too, so the chart's keep rule has something to drop."""
+    spec = pod_monitor["spec"]
+    endpoint = spec["podMetricsEndpoints"][0]
+    selector = [{"action": "keep", "source_labels": [f"__meta_kubernetes_pod_label_{_meta_label(k)}"], "regex": v}
+                for k, v in spec["selector"]["matchLabels"].items()]
+    operator = [{"source_labels": [f"__meta_kubernetes_{m}"], "target_label": label}
+                for m, label in (("namespace", "namespace"), ("pod_name", "pod"), ("pod_container_name", "container"))]
+    static = [{"targets": [t.address], "labels": _pod_meta(t, namespace, name)}
+              for t in targets for name in ("metrics", "pytorchjob-port")]
+    return {"job_name": f"podMonitor/{namespace}/{pod_monitor['metadata']['name']}",
+            "honor_labels": endpoint["honorLabels"], "metrics_path": endpoint["path"], "static_configs": static,
+            "relabel_configs": selector + operator + [_relabel(r) for r in endpoint["relabelings"]]}
+
+
+def scrape_config(training_job: dict, exporters, rules_file: Path) -> dict:
     dcgm = [{"job_name": f"dcgm-{node}", "honor_labels": True, "metrics_path": exporters.dcgm_path(node),
              "static_configs": [{"targets": [exporters.address], "labels": {"node": node}}]}
             for node in exporters.nodes]
     ksm = {"job_name": "kube-state-metrics", "honor_labels": True, "metrics_path": exporters.ksm_path,
            "static_configs": [{"targets": [exporters.address]}]}
     return {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(rules_file)],
-            "scrape_configs": [{"job_name": "training", "honor_labels": True, "static_configs": training}, *dcgm, ksm]}
+            "scrape_configs": [training_job, *dcgm, ksm]}
 
 
 @pytest.fixture(scope="module")
-def prometheus(prometheus_bins, training_metrics_targets, cluster_exporters, chart_rule_groups, tmp_path_factory):
+def prometheus(prometheus_bins, training_metrics_targets, cluster_exporters, chart_rule_groups, chart_pod_monitor,
+               tmp_path_factory):
     """URL of a Prometheus server with the chart's rendered rules (default pools) loaded."""
     work = tmp_path_factory.mktemp("prometheus")
     rules = work / "rules.yaml"
     rules.write_text(yaml.safe_dump({"groups": chart_rule_groups({})}, sort_keys=False))
     config = work / "prometheus.yml"
-    config.write_text(yaml.safe_dump(scrape_config(training_metrics_targets, cluster_exporters, rules)))
+    training = training_scrape_job(chart_pod_monitor, training_metrics_targets, cluster_exporters.namespace)
+    config.write_text(yaml.safe_dump(scrape_config(training, cluster_exporters, rules)))
     port = free_port()
     log = (work / "prometheus.log").open("w")
     proc = subprocess.Popen([prometheus_bins.prometheus, f"--config.file={config}",
@@ -168,3 +207,15 @@ def test_workers_count_bad_samples_by_reason(training_metrics_targets):
             return
         time.sleep(1)
     pytest.fail(f"bad samples served by the workers: {seen}")
+
+
+def test_pod_monitor_relabelings_keep_only_metrics_ports_and_label_the_job(prometheus, training_metrics_targets):
+    """Prometheus applied the chart's relabelings: one target per worker, non-metrics ports dropped."""
+    with urllib.request.urlopen(f"{prometheus}/api/v1/targets?state=active", timeout=10) as resp:
+        targets = json.load(resp)["data"]["activeTargets"]
+    training = [t for t in targets if t["scrapePool"].startswith("podMonitor/")]
+    assert len(training) == len(training_metrics_targets)
+    for target in training:
+        labels = target["labels"]
+        assert labels["ps3_job"] == "live" and labels["ps3_stage"] == "train" and labels["container"] == "pytorch"
+        assert labels["node"] and labels["pod"].startswith("live-train-worker-")
