@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import py_compile
 import re
@@ -18,10 +19,12 @@ from ps3_platform.spec.pools import DEFAULT_POOLS_FILE
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "ps3-platform"
 K8S_VERSION = "1.30.0"
-#: API groups validated against vendored CRDs (or, for monitoring, by shape): not core.
+#: API groups validated against vendored CRDs (monitoring ones in tests/helm/crds): not core.
 KUEUE_SCHEMAS = {"ResourceFlavor": "kueue-resourceflavors.yaml", "ClusterQueue": "kueue-clusterqueues.yaml",
                  "LocalQueue": "kueue-localqueues.yaml"}
-MONITORING = {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
+MONITORING = {"PodMonitor": "monitoring.coreos.com_podmonitors.yaml",
+              "ServiceMonitor": "monitoring.coreos.com_servicemonitors.yaml",
+              "PrometheusRule": "monitoring.coreos.com_prometheusrules.yaml"}
 PLATFORMCTL_RULES = [
     {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": ["create", "get", "list", "delete"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "list", "patch", "delete"]},
@@ -65,12 +68,29 @@ def test_core_objects_are_valid_kubernetes(which, request):
     """Every built-in kind against Kubernetes' OpenAPI, strict (unknown fields are errors)."""
     checked = 0
     for path, obj in request.getfixturevalue(which):
-        if obj["kind"] in MONITORING:
-            assert obj["apiVersion"] == "monitoring.coreos.com/v1" and obj["spec"], path
-        elif obj["kind"] not in KUEUE_SCHEMAS:
+        if obj["kind"] not in MONITORING and obj["kind"] not in KUEUE_SCHEMAS:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
             checked += 1
     assert checked >= 6
+
+
+@pytest.mark.parametrize("which", ["default_objects", "full_objects"])
+def test_monitoring_objects_validate_against_prometheus_operator_crds(which, request, crd_schema):
+    """PodMonitor, ServiceMonitor, PrometheusRule against the operator's own CRD schemas, strict."""
+    seen = set()
+    for path, obj in request.getfixturevalue(which):
+        if obj["kind"] in MONITORING:
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1", path
+            errors = sorted(crd_schema(MONITORING[obj["kind"]]).iter_errors(obj), key=str)
+            assert not errors, f"{path}: {errors[0].json_path}: {errors[0].message}"
+            seen.add(obj["kind"])
+    assert seen == ({"PodMonitor", "PrometheusRule"} if which == "default_objects" else set(MONITORING))
+
+
+def test_a_misspelt_monitoring_field_is_caught(default_objects, crd_schema):
+    monitor = copy.deepcopy(next(o for _, o in default_objects if o["kind"] == "PodMonitor"))
+    monitor["spec"]["podMetricsEndpoints"][0]["relabellings"] = monitor["spec"]["podMetricsEndpoints"][0].pop("relabelings")
+    assert list(crd_schema(MONITORING["PodMonitor"]).iter_errors(monitor))
 
 
 def test_kueue_objects_match_the_kueue_crds(full_objects, crd_schema):
