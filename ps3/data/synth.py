@@ -7,7 +7,8 @@ they are balanced as separate sources and only scenes have global captions:
   labelled, their box and string being the local (box, caption) pairs (like IDL/PDFA).
   No global caption.
 - *scene*: 2K-4K canvases with two large shapes (the global caption names them) and 3-4
-  small signs. A sign is a coloured shape with a black outline over a white plate with a
+  small signs of distinct colours (so a caption names one sign even where only colour is
+  visible). A sign is a coloured shape with a black outline over a white plate with a
   word: local captions read "<colour> <shape> sign reading <word>". A sign spans 4.2-5%
   of the long side (scenes are at most 4:3), so in a squash-resized 64 px view it is under
   4.5 px (a colour blob), at 256 px over 10 px (shape clear), and its word needs about
