@@ -20,7 +20,7 @@ from .cluster_advice import cluster_warnings
 from .configmap import SPEC_PATH, configmap_name, spec_configmap
 from .errors import CompileError
 from .labels import JOB_LABEL, SPEC_HASH_ANNOTATION, STAGE_LABEL, job_digest
-from .networkpolicy import job_networkpolicy, networkpolicy_name
+from .networkpolicy import job_networkpolicy
 from .options import CompileOptions
 from .pytorchjob import pytorchjob_name, stage_pytorchjob
 from .render import manifest_yaml, to_yaml
@@ -29,7 +29,7 @@ from .workflow import WORKFLOW_POD_LABEL, pipeline_workflow
 __all__ = [
     "CompileError", "CompileOptions", "JOB_LABEL", "SPEC_HASH_ANNOTATION", "SPEC_PATH", "STAGE_LABEL",
     "check_pytorchjob", "check_workflow", "cluster_warnings", "compile_job", "configmap_name", "manifest_yaml",
-    "job_digest", "networkpolicy_name", "pytorchjob_name", "pytorchjobs_in", "to_yaml",
+    "job_digest", "pytorchjob_name", "pytorchjobs_in", "to_yaml",
 ]
 
 
