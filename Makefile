@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine (see README):
 #   make quickstart   install, then run jobs/quickstart.yaml locally and print its evaluation
-#   make test         install (incl. Debian's prometheus for promtool), then run the tests
+#   make test         install (incl. Debian's prometheus for promtool and libjpeg's headers
+#                     for the region decoder), then run the tests
 #
 # Everything installs into .venv; torch/torchvision are installed first, pinned, so the
 # project's ranges resolve to them and pip fetches no other torch build.
@@ -14,33 +15,36 @@ PYTEST_ARGS ?=
 
 .PHONY: install install-test system-deps quickstart test bench-quick clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+# After system-deps: reinstalling builds ps3/data/_jpegregion.c against libjpeg's headers.
+$(VENV)/.installed-test: $(VENV)/.installed ps3/data/_jpegregion.c | system-deps
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test system-deps
+install-test: $(VENV)/.installed-test
 
-# promtool and prometheus for the alert-rule and dashboard tests.
+# promtool and prometheus for the alert-rule and dashboard tests; libjpeg's headers and a C
+# compiler for the JPEG region decoder (optional for users: without it, whole decodes).
 system-deps:
-	@if ! command -v promtool >/dev/null 2>&1; then \
+	@if ! command -v promtool >/dev/null 2>&1 || ! [ -f /usr/include/jpeglib.h ] || ! command -v gcc >/dev/null 2>&1; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    prometheus libjpeg-dev gcc libc6-dev >/dev/null; \
 	fi
 
 quickstart: install
 	$(VENV)/bin/platformctl submit jobs/quickstart.yaml --backend local --wait
 
 test: install-test
-	PS3_REQUIRE_PROMETHEUS=1 $(PY) -m pytest $(PYTEST_ARGS)
+	PS3_REQUIRE_PROMETHEUS=1 PS3_REQUIRE_NATIVE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench-quick: install-test
 	for b in bench/*.py; do $(PY) $$b --quick || exit 1; done

@@ -134,7 +134,7 @@ class MicroBatchMaker:
             j = int(np.random.default_rng(slot.seed).integers(len(record.boxes)))
             caption, box = record.captions[j], clip_box(record.boxes[j], record.width, record.height)
         every_box = [clip_box(b, record.width, record.height) for b in record.boxes]
-        tensors = sample_tensors(FastPixels(dec), record.width, record.height, box, self.views, every_box)
+        tensors = sample_tensors(FastPixels(dec, image, entry.key), record.width, record.height, box, self.views, every_box)
         ref = self.sources[slot.source]
         return Pair(tensors, caption, slot.is_global, ref.id_base | idx, ref.position)
 

@@ -23,8 +23,11 @@ from .decode import (
     REDUCING_GAP,
     SELECTION_GAP,
     Decoded,
+    Window,
     full_view,
     plain_view,
+    region_decoding,
+    window_source,
     window_view,
 )
 
@@ -68,7 +71,13 @@ class ViewConfig:
 
     @property
     def decode_size(self) -> int:
-        """Pixels per side the decode must keep for every view this config makes."""
+        """Pixels per side the whole-image decode must keep for the views made from it.
+
+        With pre-gathered patches and region decoding, those are only the low-res and
+        selection views (the windows get their own decode); otherwise every view.
+        """
+        if self.patches and region_decoding():
+            return max(self.scales[0], math.ceil(self.selection_view_size * SELECTION_GAP))
         return max(max(self.scales), self.selection_view_size)
 
 
@@ -76,20 +85,27 @@ class Pixels(Protocol):
     """Where view pixels come from: the fast decoder or the plain method."""
 
     def full(self, size: int, coarse: bool = False) -> np.ndarray: ...  # uint8 [size, size, 3]
-    def window(self, size: int, box: tuple[int, int, int, int]) -> np.ndarray: ...  # uint8 [h, w, 3]
+    def windows(self, wanted: Sequence[Window]) -> list[np.ndarray]: ...  # uint8 [h, w, 3] each
 
 
 class FastPixels:
-    """Views from one reduced decode; windows resampled alone (see decode.py)."""
+    """Whole views from one reduced decode; windows resampled alone from one region decode.
 
-    def __init__(self, dec: Decoded):
-        self.dec = dec
+    `data` (the encoded image) is what the region decode reads; without it the windows come
+    from the whole decode `dec`.
+    """
+
+    def __init__(self, dec: Decoded, data: bytes | None = None, key: str = ""):
+        self.dec, self.data, self.key = dec, data, key
 
     def full(self, size: int, coarse: bool = False) -> np.ndarray:
         return full_view(self.dec, size, SELECTION_GAP if coarse else REDUCING_GAP)
 
-    def window(self, size: int, box: tuple[int, int, int, int]) -> np.ndarray:
-        return window_view(self.dec, size, box)
+    def windows(self, wanted: Sequence[Window]) -> list[np.ndarray]:
+        if not wanted:
+            return []
+        src = self.dec if self.data is None else window_source(self.data, self.key, self.dec, wanted)
+        return [window_view(src, size, box) for size, box in wanted]
 
 
 class PlainPixels:
@@ -103,9 +119,8 @@ class PlainPixels:
             self._views[size] = plain_view(self.image, size)
         return self._views[size]
 
-    def window(self, size: int, box: tuple[int, int, int, int]) -> np.ndarray:
-        x0, y0, x1, y1 = box
-        return self.full(size)[y0:y1, x0:x1]
+    def windows(self, wanted: Sequence[Window]) -> list[np.ndarray]:
+        return [self.full(size)[y0:y1, x0:x1] for size, (x0, y0, x1, y1) in wanted]
 
 
 def normalize(arr: np.ndarray) -> torch.Tensor:
@@ -146,16 +161,37 @@ def select_cells(cells: tuple[int, int, int, int], grid: int, budget: int) -> np
     return np.sort(chosen)
 
 
-def gather_patches(pixels: Pixels, scale: int, patch: int, chosen: np.ndarray) -> torch.Tensor:
-    """float [K, 3, p, p]: the chosen cells' pixels, resampling only their bounding window."""
-    grid = scale // patch
-    if chosen.size == 0:
-        return torch.zeros(0, 3, patch, patch)
-    rows, cols = np.divmod(chosen, grid)
-    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    win = pixels.window(scale, (int(c0 * patch), int(r0 * patch), int(c1 * patch), int(r1 * patch)))
-    win = win.reshape(r1 - r0, patch, c1 - c0, patch, 3)  # [nr, p, nc, p, 3]
-    return normalize(win[rows - r0, :, cols - c0])  # [K, p, p, 3] -> [K, 3, p, p]
+def cells_window(scale: int, patch: int, chosen: np.ndarray) -> Window:
+    """The bounding window (in scale's view pixels) of the chosen cells; non-empty `chosen`."""
+    rows, cols = np.divmod(chosen, scale // patch)
+    r0, r1, c0, c1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+    return scale, (c0 * patch, r0 * patch, c1 * patch, r1 * patch)
+
+
+def cut_patches(win: np.ndarray, window: Window, patch: int, chosen: np.ndarray) -> torch.Tensor:
+    """float [K, 3, p, p]: the chosen cells' pixels out of their bounding window's pixels."""
+    scale, (x0, y0, x1, y1) = window
+    rows, cols = np.divmod(chosen, scale // patch)
+    win = win.reshape((y1 - y0) // patch, patch, (x1 - x0) // patch, patch, 3)  # [nr, p, nc, p, 3]
+    return normalize(win[rows - y0 // patch, :, cols - x0 // patch])  # [K, p, p, 3] -> [K, 3, p, p]
+
+
+def gather_patches(pixels: Pixels, cfg: ViewConfig, chosen: Sequence[np.ndarray]) -> list[torch.Tensor]:
+    """Per high-res scale float [K_s, 3, p, p]: the chosen cells' pixels.
+
+    All scales' windows are asked for at once, so the pixels behind them are decoded once.
+    """
+    p = cfg.patch_size
+    windows = [cells_window(s, p, c) for s, c in zip(cfg.scales[1:], chosen) if c.size]
+    decoded = iter(zip(windows, pixels.windows(windows)))
+    out = []
+    for c in chosen:
+        if c.size:
+            window, win = next(decoded)
+            out.append(cut_patches(win, window, p, c))
+        else:
+            out.append(torch.zeros(0, 3, p, p))
+    return out
 
 
 def sample_tensors(pixels: Pixels, width: int, height: int, box: Box | None, cfg: ViewConfig,
@@ -181,9 +217,9 @@ def sample_tensors(pixels: Pixels, width: int, height: int, box: Box | None, cfg
             salient = salient.maximum(gt_map(box_cells(other, width, height, scale, cfg.patch_size), grid))
         out["saliency_maps"].append(salient)
         if cfg.patches:
-            chosen = select_cells(cells, grid, budget)
-            out["hr_index"].append(torch.from_numpy(chosen.astype(np.int64)))
-            out["hr_patches"].append(gather_patches(pixels, scale, cfg.patch_size, chosen))
+            out["hr_index"].append(torch.from_numpy(select_cells(cells, grid, budget).astype(np.int64)))
         else:
             out["highres"].append(normalize(pixels.full(scale)))
+    if cfg.patches:
+        out["hr_patches"] = gather_patches(pixels, cfg, [i.numpy() for i in out["hr_index"]])
     return out
