@@ -5,13 +5,13 @@ around one box. So: (1) the whole image is decoded once, at the smallest power-o
 scale (1/8, 1/4, 1/2, 1; libjpeg-turbo through Pillow's `draft`) that still has as many
 pixels as its largest whole view; (2) both whole views (low-res, selection) are made from
 that one decode, shrunk first by an integer box `reduce` when the decode is much larger than
-the view (what Pillow's `reducing_gap` does), then resized by torch's antialiased bicubic; (3) high-res scales are never built whole: the
-windows of their views that hold the selected patches are resampled alone (Pillow's
-`resize(box=...)` computes exactly the pixels the full resize would have there), (4) from one
-*region* decode that covers every window at the resolution the largest scale needs: only
-those rows and columns of the JPEG go through the inverse DCT, the rows above are only
-entropy-decoded and the rows below are not read (`_jpegregion.c`, libjpeg-turbo's
-`jpeg_crop_scanline` / `jpeg_skip_scanlines`; no Python package exposes them).
+the view (what Pillow's `reducing_gap` does), then resized by torch's antialiased bicubic;
+(3) high-res scales are never built whole: the windows of their views that hold the selected
+patches are resampled alone (Pillow's `resize(box=...)` computes the pixels the full resize
+would have there), (4) from one *region* decode that covers every window at the resolution
+the largest scale needs: only those rows and columns of the JPEG go through the inverse DCT,
+the rows above are only entropy-decoded and the rows below are not read (`_jpegregion.c`,
+libjpeg-turbo's `jpeg_crop_scanline` / `jpeg_skip_scanlines`; no Python package exposes them).
 
 Without the native module (built when libjpeg's headers are present), or for PNGs, the
 windows come from the whole decode, which is then made at the windows' resolution.
