@@ -121,9 +121,12 @@ def test_ctrl_c_during_submit_wait_cancels_and_leaves_no_process(platform_home, 
 
     spec = tmp_path / "job.yaml"
     spec.write_text(JOB.format(name="interrupted", steps=10_000, step_seconds=0.05))
+    # A terminal leaves SIGINT at its default; a test runner started in the background (`cmd &`
+    # without job control) ignores it, and Python keeps an ignored SIGINT ignored. Restore it.
     cli = subprocess.Popen([sys.executable, "-m", "ps3_platform.cli", "submit", str(spec), "--backend", "local",
                             "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           env={**os.environ, "PS3_PLATFORM_HOME": str(platform_home)})
+                           env={**os.environ, "PS3_PLATFORM_HOME": str(platform_home)},
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run_dir = LocalBackend().run_dir("interrupted")
     _wait_for(lambda: (run_dir / "train" / "rank-1.pid").exists(), what="workers to start")
     pgid = json.loads((run_dir / "state.json").read_text())["pgid"]
