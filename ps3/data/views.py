@@ -89,13 +89,11 @@ class Pixels(Protocol):
 
 
 class FastPixels:
-    """Whole views from one reduced decode; windows resampled alone from one region decode.
-
-    `data` (the encoded image) is what the region decode reads; without it the windows come
-    from the whole decode `dec`.
+    """Whole views from one reduced decode `dec`; windows resampled alone from one region
+    decode of `data` (the encoded image), or from `dec` when it is fine enough.
     """
 
-    def __init__(self, dec: Decoded, data: bytes | None = None, key: str = ""):
+    def __init__(self, dec: Decoded, data: bytes, key: str):
         self.dec, self.data, self.key = dec, data, key
 
     def full(self, size: int, coarse: bool = False) -> np.ndarray:
@@ -104,7 +102,7 @@ class FastPixels:
     def windows(self, wanted: Sequence[Window]) -> list[np.ndarray]:
         if not wanted:
             return []
-        src = self.dec if self.data is None else window_source(self.data, self.key, self.dec, wanted)
+        src = window_source(self.data, self.key, self.dec, wanted)
         return [window_view(src, size, box) for size, box in wanted]
 
 
