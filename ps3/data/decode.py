@@ -138,7 +138,7 @@ def window_view(dec: Decoded, size: int, box: tuple[int, int, int, int]) -> np.n
     `window_source`). No box reduce: windows are small, and their pixels are what is learnt.
     """
     x0, y0, x1, y1 = box
-    (sx, sy), (left, top) = _view_to_decode(dec, size), (dec.left, dec.top)
+    (sx, sy), (left, top) = _view_to_decode(dec.scaled, size), (dec.left, dec.top)
     region = (x0 * sx - left, y0 * sy - top, x1 * sx - left, y1 * sy - top)
     return np.asarray(dec.image.resize((x1 - x0, y1 - y0), Image.BICUBIC, box=region))
 
@@ -157,10 +157,9 @@ def window_source(data: bytes, key: str, dec: Decoded, windows: Sequence[Window]
         return decode(data, key)
     denom = round(1 / scale)
     scaled = (math.ceil(dec.width / denom), math.ceil(dec.height / denom))  # libjpeg rounds up
-    probe = Decoded(dec.image, dec.width, dec.height, scaled_size=scaled)
     rect = [math.inf, math.inf, -math.inf, -math.inf]
     for size, (x0, y0, x1, y1) in windows:
-        (sx, sy) = _view_to_decode(probe, size)
+        (sx, sy) = _view_to_decode(scaled, size)
         mx, my = math.ceil(2 * max(sx, 1)) + WINDOW_MARGIN, math.ceil(2 * max(sy, 1)) + WINDOW_MARGIN
         rect = [min(rect[0], math.floor(x0 * sx) - mx), min(rect[1], math.floor(y0 * sy) - my),
                 max(rect[2], math.ceil(x1 * sx) + mx), max(rect[3], math.ceil(y1 * sy) + my)]
@@ -175,9 +174,9 @@ def window_source(data: bytes, key: str, dec: Decoded, windows: Sequence[Window]
     return Decoded(Image.frombuffer("RGB", (w, h), rgb, "raw", "RGB", 0, 1), dec.width, dec.height, left, top, scaled)
 
 
-def _view_to_decode(dec: Decoded, size: int) -> tuple[float, float]:
-    """Decode pixels per view pixel, per axis (the view squashes the whole image to size)."""
-    return dec.scaled[0] / size, dec.scaled[1] / size
+def _view_to_decode(scaled: tuple[int, int], size: int) -> tuple[float, float]:
+    """Pixels of a decode of size `scaled` per view pixel, per axis (a view squashes the whole image)."""
+    return scaled[0] / size, scaled[1] / size
 
 
 def _reduce_factor(src: Image.Image, size: int, gap: float) -> int:
