@@ -185,9 +185,9 @@ _SO400M = dict(patch_size=14, width=1152, depth=27, heads=16, mlp_dim=4304, sele
 # a 256-pixel synthetic image (strokes of 1-2 px) survives at the top scale but averages out
 # to a blur at 64, so the test data only separates when the high-res pass does its job.
 # The selection branch's 8 px stem on the 256 view keeps its cells smaller than a synthetic
-# sign (11 px there), as the released 28 px stem on 1512 is smaller than a 68 px one; with a
-# 16 px stem a sign was a tenth of a cell and selection recall 0.10 instead of 0.14 (192
-# held-out scenes, two seeds; docs/benchmarks.md).
+# sign (11 px there), as the released 28 px stem on 1512 is smaller than a 68 px one. With a
+# 16 px stem a sign's colour filled a tenth of a cell and selection recall was 0.10, not
+# 0.14 (192 held-out scenes, two seeds; docs/benchmarks.md).
 _TINY = dict(
     patch_size=8, width=64, depth=4, heads=4, mlp_dim=128, select_layers=(0, 1, 2, 3),
     selection_view_size=256, sel_kernel_size=8, sel_hidden_dim=32, sel_out_dim=32, sel_depth=1,
