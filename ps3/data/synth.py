@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 
-from .fs import join
+from .fs import filesystem, join
 from .records import Record
 from .shards import ShardWriter
 
@@ -244,6 +244,36 @@ def generate(uri: str, samples: int, seed: int, kinds: Sequence[str] = KINDS, *,
                 data, ext, record = sample(kind, seed, i, config)
                 writer.write(record.key, data, ext, record)
         out[kind] = source_uri
+    return out
+
+
+def generate_raw(uri: str, samples: int, seed: int, kinds: Sequence[str] = KINDS, *, pages_per_pdf: int = 0,
+                 config: SynthConfig = SynthConfig()) -> dict[str, str]:
+    """Write the same samples as `generate`, but as plain files without their boxes: what curation
+    takes in. Scenes become `{uri}/scene/*.jpg`, documents `{uri}/document/*.png` (or, with
+    `pages_per_pdf`, PDFs of that many pages). The boxes and captions go to `{uri}/truth.jsonl`
+    only, so a benchmark can score what curation finds. Returns {kind: directory uri}.
+    """
+    fs, root = filesystem(uri)
+    out, truth = {}, []
+    for kind in kinds:
+        directory = f"{root}/{kind}"
+        fs.makedirs(directory, exist_ok=True)
+        pages = []
+        for i in range(samples):
+            data, ext, record = sample(kind, seed, i, config)
+            truth.append({"kind": kind, "key": record.key, "boxes": record.boxes, "captions": record.captions})
+            if kind == "document" and pages_per_pdf:
+                pages.append(Image.open(io.BytesIO(data)).convert("RGB"))
+                if len(pages) == pages_per_pdf or i == samples - 1:
+                    buf = io.BytesIO()
+                    pages[0].save(buf, "PDF", resolution=150.0, save_all=True, append_images=pages[1:])
+                    fs.pipe_file(f"{directory}/{record.key}.pdf", buf.getvalue())
+                    pages = []
+            else:
+                fs.pipe_file(f"{directory}/{record.key}.{ext}", data)
+        out[kind] = join(uri, kind)
+    fs.pipe_file(f"{root}/truth.jsonl", "".join(json.dumps(t) + "\n" for t in truth).encode())
     return out
 
 

@@ -8,6 +8,7 @@ TASKS: dict[str, str] = {
     "noop": "ps3.tasks.noop:build",
     "sleep": "ps3.tasks.noop:build_sleep",
     "synth_data": "ps3.tasks.synth:build",
+    "curate": "ps3.tasks.curate:build",
     "ps3_pretrain": "ps3.tasks.pretrain:build",
     "ps3_eval": "ps3.tasks.evaluate:build",
 }

@@ -25,6 +25,10 @@ class SynthParams(TaskParams):
     seed: int = 0
     kinds: list[str] = Field(default_factory=lambda: list(synth.KINDS))
     max_side: int | None = Field(None, ge=256, description="Cap on the long side (default: up to 4096).")
+    layout: str = Field("shards", pattern="^(shards|raw)$",
+                        description="shards: PS3 training shards; raw: plain image files and PDFs without "
+                                    "boxes (what `curate` takes in), boxes kept aside in truth.jsonl.")
+    pages_per_pdf: int = Field(0, ge=0, description="raw layout: bind document pages into PDFs of this many pages.")
     sign_words: bool = Field(True, description="Scene signs carry a word ('... sign reading cat'); off for models "
                                                "too small to read, whose captions are then colour + shape.")
 
@@ -57,6 +61,12 @@ def build(ctx: RunContext) -> TaskState:
         if ctx.rank != 0:
             return {}
         config = _config(params)
+        if params.layout == "raw":
+            written = {"raw": synth.generate_raw(f"{out}/raw", params.samples, params.seed, params.kinds,
+                                                 pages_per_pdf=params.pages_per_pdf, config=config)}
+            train_tiny_tokenizer(vocabulary_captions(), f"{out}/tokenizer.json")
+            ctx.log.info("wrote raw synthetic inputs %s and %s/tokenizer.json", written, out)
+            return written
         written = {"train": synth.generate(f"{out}/train", params.samples, params.seed, params.kinds, config=config)}
         if params.eval_samples:
             written["eval"] = synth.generate(f"{out}/eval", params.eval_samples, params.seed + 1_000_003,

@@ -32,6 +32,8 @@ class StageStatus:
     total_steps: int | None = None
     loss: float | None = None
     samples_per_s: float | None = None
+    unit: str = "steps"  # what step/total count: optimizer steps, or images for data stages
+    failures: dict = field(default_factory=dict)  # skipped inputs by kind (data stages)
     eta_s: float | None = None
     restarts: int = 0
     exit_code: int | None = None
@@ -48,6 +50,7 @@ class JobStatus:
     stages: list[StageStatus] = field(default_factory=list)
     conditions: list[dict] = field(default_factory=list)
     eval: dict = field(default_factory=dict)
+    curation: dict = field(default_factory=dict)  # stage -> summary of a curate stage (per source, failures)
     checkpoints: str | None = None
     created: float | None = None
     finished: float | None = None

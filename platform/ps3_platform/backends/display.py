@@ -34,8 +34,12 @@ def _eta(seconds: float | None) -> str:
 def progress_line(status: JobStatus) -> str:
     parts = [f"{status.name}: {status.phase}"]
     for stage in status.stages:
-        if stage.phase == "Running" and stage.step is not None:
-            parts.append(f"{stage.name} step {stage.step}/{stage.total_steps} loss {stage.loss:.4f} "
+        if stage.phase == "Running" and stage.step is not None and stage.unit == "images":
+            failed = sum(stage.failures.values())
+            parts.append(f"{stage.name} {stage.step}/{stage.total_steps} images {_fmt(stage.samples_per_s, '.2f')} "
+                         f"images/s ETA {_eta(stage.eta_s)}" + (f" ({failed} skipped)" if failed else ""))
+        elif stage.phase == "Running" and stage.step is not None:
+            parts.append(f"{stage.name} step {stage.step}/{stage.total_steps} loss {_fmt(stage.loss, '.4f')} "
                          f"{_fmt(stage.samples_per_s, '.1f')} samples/s ETA {_eta(stage.eta_s)}")
         else:
             parts.append(f"{stage.name} {stage.phase}")
@@ -48,11 +52,15 @@ def print_status(status: JobStatus, console: Console | None = None) -> None:
     table = Table("STAGE", "PHASE", "STEP", "LOSS", "SAMPLES/S", "ETA", "RESTARTS")
     for s in status.stages:
         step = f"{s.step}/{s.total_steps}" if s.step is not None else f"-/{_fmt(s.total_steps)}"
+        if s.unit == "images":
+            step += " images"
         table.add_row(s.name, s.phase, step, _fmt(s.loss, ".4f"), _fmt(s.samples_per_s, ".1f"), _eta(s.eta_s),
                       str(s.restarts))
     console.print(table)
     if status.eval:
         print_eval(status.eval, console)
+    for stage, summary in status.curation.items():
+        print_curation(stage, summary, console)
     if status.checkpoints:
         console.print(f"checkpoints: {status.checkpoints}", soft_wrap=True)
 
@@ -66,6 +74,20 @@ def print_eval(evaluation: dict, console: Console | None = None) -> None:
         elif isinstance(value, int):
             table.add_row(EVAL_LABELS.get(key, key), str(value))
     console.print(table)
+
+
+def print_curation(stage: str, summary: dict, console: Console | None = None) -> None:
+    """A curate stage's output per source: the columns of the PS3 paper's table 9."""
+    console = console or Console()
+    table = Table("SOURCE", "KIND", "IMAGES", "BOXES/IMAGE", "MEAN BOX (px)", "CAPTIONS/IMAGE", "SKIPPED",
+                  title=f"curation ({stage})")
+    for name, s in summary.get("sources", {}).items():
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(s.get("skipped", {}).items())) or "-"
+        table.add_row(name, s["kind"], str(s["images"]), f"{s['boxes_per_image']:.2f}",
+                      f"{s['mean_box_w']:.0f}x{s['mean_box_h']:.0f}", f"{s['captions_per_image']:.2f}", skipped)
+    console.print(table)
+    if summary.get("failures"):
+        console.print("skipped inputs by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["failures"].items())))
 
 
 def print_list(jobs: list[JobStatus], console: Console | None = None) -> None:

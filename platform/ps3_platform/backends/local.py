@@ -158,13 +158,16 @@ class LocalBackend(Backend):
             phase = "Failed"  # the supervisor died without writing a final phase
         order = state.get("order", list(state["stages"]))  # state.json's keys are sorted; keep run order
         stages = [self._stage_status(run_dir, name_, state["stages"][name_]) for name_ in order]
-        evaluation = {}
+        evaluation, curation = {}, {}
         for stage in stages:
             eval_file = run_dir / stage.name / "eval.json"
             if eval_file.exists():
                 evaluation.update(json.loads(eval_file.read_text()))
+            curation_file = run_dir / stage.name / "curation.json"
+            if curation_file.exists():
+                curation[stage.name] = json.loads(curation_file.read_text())
         return JobStatus(name=name, kind=state["kind"], backend="local", phase=phase, stages=stages,
-                         eval=evaluation, checkpoints=self._checkpoint_location(run_dir),
+                         eval=evaluation, curation=curation, checkpoints=self._checkpoint_location(run_dir),
                          created=state.get("created"), finished=state.get("finished"))
 
     def _stage_status(self, run_dir: Path, name: str, entry: dict) -> StageStatus:
@@ -175,6 +178,7 @@ class LocalBackend(Backend):
             status.step, status.loss = record["step"], record["loss"]
             status.samples_per_s = record.get("samples_per_s")
             status.total_steps = record.get("total", status.total_steps)
+            status.unit, status.failures = record.get("unit", "steps"), record.get("failures", {})
             if status.phase == "Running" and record.get("step_seconds"):
                 status.eta_s = round((status.total_steps - status.step) * record["step_seconds"], 1)
         status.restarts = len(list((run_dir / "logs" / name).glob("*/attempt_*"))) - 1 if (

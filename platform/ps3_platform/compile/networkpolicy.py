@@ -11,7 +11,9 @@ workload, so it goes with it.
 
 from __future__ import annotations
 
-from ps3_platform.spec import JobSpec
+from ps3_platform.ports import RAY_PORTS, RAY_WORKER_PORTS
+from ps3_platform.spec import JobSpec, stages_of
+from ps3_platform.spec.models import RAY_TASKS
 
 from .labels import COMPONENT_LABEL, JOB_LABEL, object_annotations, object_labels
 
@@ -26,6 +28,21 @@ def job_networkpolicy(job: JobSpec, digest: str, namespace: str | None) -> dict:
                       "annotations": object_annotations(job, digest)}
     if namespace:
         metadata["namespace"] = namespace
+    ingress = [{"from": [{"podSelector": {"matchLabels": dict(pods)}}]}]
+    if any(stage.task in RAY_TASKS for stage in stages_of(job)):
+        ingress.append(ray_rule(pods))
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": metadata,
-            "spec": {"podSelector": {"matchLabels": pods}, "policyTypes": ["Ingress"],
-                     "ingress": [{"from": [{"podSelector": {"matchLabels": dict(pods)}}]}]}}
+            "spec": {"podSelector": {"matchLabels": pods}, "policyTypes": ["Ingress"], "ingress": ingress}}
+
+
+def ray_rule(pods: dict[str, str]) -> dict:
+    """The Ray ports, by name, from the job's own pods.
+
+    The rule above already admits every port from those pods; this one names what a Ray
+    stage listens on (head, node manager, object manager, agents, the worker port range),
+    so an operator who narrows the first rule knows what curation needs.
+    """
+    low, high = RAY_WORKER_PORTS
+    ports = [{"protocol": "TCP", "port": port} for port in RAY_PORTS.values()]
+    ports.append({"protocol": "TCP", "port": low, "endPort": high})
+    return {"from": [{"podSelector": {"matchLabels": dict(pods)}}], "ports": ports}

@@ -7,7 +7,9 @@ command carries no distributed flags.
 
 from __future__ import annotations
 
+from ps3_platform.ports import RAY_PORTS
 from ps3_platform.spec import JobSpec, Pool, Stage, storage_of
+from ps3_platform.spec.models import RAY_TASKS
 
 from .configmap import SPEC_PATH, spec_mount, spec_volume
 from .errors import CompileError
@@ -59,12 +61,15 @@ def _env(job: JobSpec, stage: Stage, grace_seconds: int) -> list[dict]:
 
 
 def _ports(stage: Stage) -> list[dict]:
-    """Rendezvous port, then one metrics port per local rank (the runtime serves base + local rank)."""
+    """Rendezvous port, one metrics port per local rank (the runtime serves base + local rank), then
+    a Ray node's fixed ports for stages whose workers form a Ray cluster."""
     ports = [{"name": RDZV_PORT_NAME, "containerPort": RDZV_PORT, "protocol": "TCP"}]
     base = stage.monitoring.port
     for local_rank in range(stage.resources.nproc):
         name = METRICS_PORT_NAME if local_rank == 0 else f"{METRICS_PORT_NAME}-{local_rank}"
         ports.append({"name": name, "containerPort": base + local_rank, "protocol": "TCP"})
+    if stage.task in RAY_TASKS:  # rank 0's pod is the Ray head, the others join it (ps3.curation.ray_cluster)
+        ports += [{"name": name, "containerPort": port, "protocol": "TCP"} for name, port in RAY_PORTS.items()]
     return ports
 
 

@@ -44,6 +44,13 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ps3_data_bad_samples_total": ("counter", "Samples skipped as unreadable, by reason.", ("reason",)),
     "ps3_nonfinite_loss_total": ("counter", "Steps whose loss was NaN or infinite.", ()),
     "ps3_mfu": ("gauge", "Model FLOPs utilisation estimate (0..1) against the device's peak.", ()),
+    "ps3_curate_images_total": ("counter", "Curation inputs finished, by source and outcome (written/skipped).",
+                                ("source", "outcome")),
+    "ps3_curate_boxes_total": ("counter", "Boxes written by curation, by source.", ("source",)),
+    "ps3_curate_failures_total": ("counter", "Curation inputs skipped, by kind of failure.", ("kind",)),
+    "ps3_curate_images_per_second": ("gauge", "Curation throughput of this run (inputs per second).", ()),
+    "ps3_curate_images_planned": ("gauge", "Curation inputs in this run's plan.", ()),
+    "ps3_curate_images_done": ("gauge", "Curation inputs finished (committed shards included).", ()),
     "ps3_gpu_utilization_percent": ("gauge", "GPU utilisation from NVML.", ("gpu",)),
     "ps3_gpu_memory_used_bytes": ("gauge", "GPU memory used, from NVML.", ("gpu",)),
 }

@@ -23,7 +23,9 @@ API_VERSION = "ps3.platform/v1"
 
 #: Tasks the runtime knows. Kept here (not imported from `ps3.tasks`) so validating a
 #: spec never imports torch; a test checks this list against the task registry.
-KNOWN_TASKS = ("noop", "sleep", "synth_data", "ps3_pretrain", "ps3_eval")
+KNOWN_TASKS = ("noop", "sleep", "synth_data", "curate", "ps3_pretrain", "ps3_eval")
+#: Tasks whose workers form a Ray cluster: their pods name the Ray ports (`ps3_platform.ports`).
+RAY_TASKS = ("curate",)
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _URI = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
