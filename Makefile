@@ -1,5 +1,7 @@
 # Two entry points for a fresh machine (see README):
 #   make quickstart   install, then run jobs/quickstart.yaml locally and print its evaluation
+#   make curate-quickstart   install (+ Debian's tesseract-ocr), then curate raw synthetic images
+#                     and PDFs into PS3 shards and pre-train a few steps on them
 #   make test         install (incl. Debian's prometheus for promtool and libjpeg's headers
 #                     for the region decoder), then run the tests
 #
@@ -13,7 +15,7 @@ PIP    := $(PY) -m pip
 TORCH  := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install install-test system-deps quickstart test bench-quick clean
+.PHONY: install install-test system-deps ocr-deps quickstart curate-quickstart test bench-quick clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -31,17 +33,28 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 # promtool and prometheus for the alert-rule and dashboard tests; libjpeg's headers and a C
-# compiler for the JPEG region decoder (optional for users: without it, whole decodes).
+# compiler for the JPEG region decoder (optional for users: without it, whole decodes);
+# Tesseract for curation's OCR (documents, and text regions without a captioning model).
 system-deps:
-	@if ! command -v promtool >/dev/null 2>&1 || ! [ -f /usr/include/jpeglib.h ] || ! command -v gcc >/dev/null 2>&1; then \
+	@if ! command -v promtool >/dev/null 2>&1 || ! [ -f /usr/include/jpeglib.h ] || ! command -v gcc >/dev/null 2>&1 \
+	    || ! command -v tesseract >/dev/null 2>&1; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
-	    prometheus libjpeg-dev gcc libc6-dev >/dev/null; \
+	    prometheus libjpeg-dev gcc libc6-dev tesseract-ocr tesseract-ocr-eng >/dev/null; \
 	fi
+
+# Tesseract only (what curation needs from Debian), for users who run curation but not the tests.
+ocr-deps:
+	@command -v tesseract >/dev/null 2>&1 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	  --no-install-recommends tesseract-ocr tesseract-ocr-eng >/dev/null; }
 
 quickstart: install
 	$(VENV)/bin/platformctl submit jobs/quickstart.yaml --backend local --wait
+
+curate-quickstart: install ocr-deps
+	$(VENV)/bin/platformctl submit jobs/curate_quickstart.yaml --backend local --wait
 
 test: install-test
 	PS3_REQUIRE_PROMETHEUS=1 PS3_REQUIRE_NATIVE=1 $(PY) -m pytest $(PYTEST_ARGS)

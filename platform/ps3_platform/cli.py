@@ -58,7 +58,29 @@ def make_backend(name: str, args: argparse.Namespace):
 def _load_checked(args: argparse.Namespace, pools=None):
     loaded = load(args.file, overrides=args.set)
     check_against_pools(loaded, pools or load_pools(args.pools))
+    check_task_params(loaded)
     return loaded
+
+
+def check_task_params(loaded) -> None:
+    """Run the tasks' own param checks (`ps3.tasks.PARAM_CHECKS`), looked up by task name as the
+    runtime looks up tasks, so a missing weights file fails here, not on a cluster an hour later."""
+    import importlib
+
+    from ps3_platform.spec.models import TrainingJob
+
+    checks = importlib.import_module("ps3.tasks").PARAM_CHECKS
+    stages = [loaded.job.spec] if isinstance(loaded.job, TrainingJob) else list(loaded.job.spec.stages)
+    issues = []
+    for index, stage in enumerate(stages):
+        if stage.task not in checks:
+            continue
+        module, _, name = checks[stage.task].partition(":")
+        prefix = ("spec",) if isinstance(loaded.job, TrainingJob) else ("spec", "stages", index)
+        for path, message in getattr(importlib.import_module(module), name)(stage.params):
+            issues.append(loaded.issue(prefix + ("params", *path), message))
+    if issues:
+        raise SpecError(issues)
 
 
 def _compile(loaded, pools, namespace):

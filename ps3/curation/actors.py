@@ -13,6 +13,7 @@ import logging
 import pandas as pd
 
 from .config import CaptionConfig, CurationConfig, MaskConfig
+from .types import CaptionError
 from .stages import attach_captions, caption_requests, document_text, is_failed, segment
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ class CaptionCalls:
     """Captioner calls in batches, each bounded by a timeout and retried.
 
     A batch that fails is retried request by request, so one bad request costs only its
-    own box. A call that times out cannot be interrupted (a model forward holds no
+    own box; a request the captioner declines (`CaptionError`, e.g. OCR finds no text) is
+    dropped at once, while errors and timeouts are retried `retries` times. A call that times out cannot be interrupted (a model forward holds no
     cancellation point): its thread is abandoned and later calls use a fresh one.
     """
 
@@ -97,6 +99,8 @@ class CaptionCalls:
         for attempt in range(self.config.retries + 1):
             try:
                 return self._call([request])[0]
+            except CaptionError:  # an answer ("no text in this box"), not a fault: retrying cannot help
+                return None
             except Exception as exc:  # noqa: BLE001 - a caption is dropped, never the pipeline
                 self.errors += 1
                 log.warning("caption attempt %d/%d failed: %s: %s", attempt + 1, self.config.retries + 1,

@@ -52,7 +52,8 @@ class MaskConfig(CurationModel):
     crop_n_points_downscale_factor: int = Field(1, ge=1)
     pred_iou_thresh: float = Field(0.6, ge=0, le=1)
     stability_score_thresh: float = Field(0.85, ge=0, le=1)
-    min_mask_region_area: int = Field(0, ge=0)
+    min_mask_region_area: int = Field(0, ge=0, le=0, description="Table 10's 0; SAM's hole filling (> 0) "
+                                                                  "needs OpenCV, which the image leaves out.")
     work_side: int = Field(1024, ge=64, description="Masks are kept at this long side (compact between stages).")
 
     @model_validator(mode="after")
@@ -120,3 +121,28 @@ class CurationConfig(CurationModel):
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique: {names}")
         return self
+
+
+def check_params(params: dict) -> list[tuple[tuple, str]]:
+    """Problems with a `curate` stage's params, as (path inside params, message): the spec's
+    shape first, then the weights it names (which must exist before any work starts)."""
+    from pydantic import ValidationError
+
+    try:
+        config = CurationConfig.model_validate(params)
+    except ValidationError as exc:
+        return [(tuple(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
+    from .models import WeightsError
+    from .models.weights import check_weights
+
+    problems = []
+    wanted = [(("masks", "checkpoint"), config.masks.checkpoint if config.masks.generator == "sam" else None),
+              (("captions", "model"), config.captions.model if config.captions.captioner == "qwen2-vl" else None)]
+    for path, uri in wanted:
+        if uri is None:
+            continue
+        try:
+            check_weights(uri)
+        except WeightsError as exc:
+            problems.append((path, str(exc)))
+    return problems

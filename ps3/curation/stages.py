@@ -81,6 +81,9 @@ def read_input(row: dict, config: CurationConfig) -> dict:
         ext = STORED_FORMATS.get(image.format)
         if ext is None or image.mode not in ("RGB", "L"):
             data, ext = _encode(image.convert("RGB"), "jpg"), "jpg"
+    if item.kind == "natural" and min(image.size) * config.boxes.fraction < config.boxes.min_box_px:
+        return failed(row, "too_small", f"{image.width}x{image.height}: a box of {config.boxes.fraction:g} of the "
+                                        f"short side is under {config.boxes.min_box_px} px")
     if item.kind == "document" and config_ocr_json(config, item.source):
         extra["ocr_json"] = _read_ocr_json(item)
     return {**update(row, width=image.width, height=image.height, ext=ext, **extra), "image": data}
@@ -204,9 +207,7 @@ def document_text(row: dict, config: CurationConfig, ocr) -> dict:
         if source.ocr == "json":
             if meta.get("ocr_json") is None:
                 return failed(row, "missing_ocr_json", f"no {meta['uri']}.ocr.json beside the input")
-            words = parse_ocr_json(meta["ocr_json"].encode())
-            if meta.get("page") is not None and isinstance(words, dict):
-                words = words[meta["page"]]
+            words = parse_ocr_json(meta["ocr_json"].encode(), page=meta.get("page"))
         else:
             words = ocr.words(decode_rgb(row))
     except DocumentError as exc:

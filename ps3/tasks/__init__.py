@@ -13,4 +13,11 @@ TASKS: dict[str, str] = {
     "ps3_eval": "ps3.tasks.evaluate:build",
 }
 
-__all__ = ["TASKS"]
+#: Checks of a task's params that `platformctl validate` and `submit` run before anything starts,
+#: importable without torch: "module:function" taking the params dict and returning a list of
+#: (path inside params, message). Tasks without one are checked when their workers start.
+PARAM_CHECKS: dict[str, str] = {
+    "curate": "ps3.curation.config:check_params",
+}
+
+__all__ = ["PARAM_CHECKS", "TASKS"]

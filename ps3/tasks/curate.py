@@ -13,33 +13,15 @@ import json
 import os
 import tempfile
 
-from ps3.curation.config import CurationConfig
+from ps3.curation.config import CurationConfig, check_params
 from ps3.curation.inputs import InputError
 from ps3.curation.pipeline import Progress, curate, plan_inputs
 from ps3.data.fs import filesystem, join
 from ps3_platform.runtime.metrics import JsonlLog
 from ps3_platform.runtime.task import RunContext, TaskSetupError, TaskState
 
-from .common import parse_params
 
 DONE_FLAG = "_curation/driver-done"
-
-
-def check_weights(config: CurationConfig) -> None:
-    """Missing weights are a one-line error before any work (and before Ray starts)."""
-    from ps3.curation.models import WeightsError
-    from ps3.curation.models.weights import check_weights as exists
-
-    wanted = []
-    if config.masks.generator == "sam":
-        wanted.append(("masks.checkpoint", config.masks.checkpoint))
-    if config.captions.captioner == "qwen2-vl":
-        wanted.append(("captions.model", config.captions.model))
-    for field, uri in wanted:
-        try:
-            exists(uri)
-        except WeightsError as exc:
-            raise TaskSetupError(f"spec params.{field}: {exc}") from None
 
 
 def _reporter(ctx: RunContext, log: JsonlLog):
@@ -64,13 +46,11 @@ def _reporter(ctx: RunContext, log: JsonlLog):
 
 
 def build(ctx: RunContext) -> TaskState:
-    try:
-        config = CurationConfig.model_validate(ctx.params)
-    except ValueError as exc:
-        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
-        where = ".".join(str(p) for p in first["loc"])
-        raise TaskSetupError(f"spec params{'.' + where if where else ''}: {first['msg']}") from None
-    check_weights(config)
+    problems = check_params(ctx.params)  # the same checks as `platformctl validate`, in case it was skipped
+    if problems:
+        path, message = problems[0]
+        raise TaskSetupError(f"spec params.{'.'.join(str(p) for p in path)}: {message}")
+    config = CurationConfig.model_validate(ctx.params)
     gpus = ctx.stage.resources.gpus_per_node
     if gpus and config.workers.gpus_per_actor == 0:  # the pool has GPUs: put the models on them
         config.workers.gpus_per_actor = 1.0

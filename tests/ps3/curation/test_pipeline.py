@@ -1,0 +1,147 @@
+"""The curation driver: shards committed whole, resumed exactly once, failures counted by kind."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from ps3.curation.inputs import InputError
+from ps3.curation.pipeline import curate, plan_inputs
+from ps3.curation.writer import committed_shards
+from ps3.data.index import read_index
+from ps3.data.shards import iter_webdataset
+
+from .conftest import curation_config, in_process_stream
+
+
+def outputs(output: str, source: str) -> dict[str, dict]:
+    """{sample key: json} of every sample in a source's indexed shards (through webdataset's reader)."""
+    uri = f"{output}/{source}"
+    names = [s["name"] for s in read_index(uri)["shards"]]
+    samples = {}
+    for sample in iter_webdataset(uri, names):
+        assert sample["__key__"] not in samples, f"{sample['__key__']} written twice"
+        samples[sample["__key__"]] = json.loads(sample["json"])
+    return samples
+
+
+@pytest.fixture(scope="module")
+def clean_run(raw_inputs, tmp_path_factory):
+    output = f"file://{tmp_path_factory.mktemp('clean')}/out"
+    config = curation_config(output, raw_inputs)
+    summary = curate(config, stream=in_process_stream)
+    return output, summary
+
+
+def test_curated_shards_hold_boxes_captions_and_provenance(clean_run):
+    output, summary = clean_run
+    scenes, docs = outputs(output, "scene"), outputs(output, "document")
+    assert len(scenes) + summary["sources"]["scene"]["inputs"] - summary["sources"]["scene"]["images"] == 4
+    assert len(docs) == 4  # two 2-page PDFs
+    for sample in [*scenes.values(), *docs.values()]:
+        assert sample["boxes"] and len(sample["boxes"]) == len(sample["captions"])
+        for x0, y0, x1, y1 in sample["boxes"]:
+            assert 0 <= x0 < x1 <= sample["width"] and 0 <= y0 < y1 <= sample["height"]
+        assert sample["provenance"]["captions"]["name"] in ("tesseract", "ocr")
+    scene = next(iter(scenes.values()))
+    assert scene["provenance"]["masks"]["name"] == "classical" and len(scene["box_scores"]) == len(scene["boxes"])
+    doc = next(iter(docs.values()))
+    assert "global_caption" not in doc and "#page=" in doc["input"]
+    assert all(len(c.split()) <= 15 for c in doc["captions"])
+
+
+def test_summary_has_the_paper_table_columns(clean_run):
+    _, summary = clean_run
+    docs = summary["sources"]["document"]
+    assert docs["images"] == 4 and docs["boxes_per_image"] > 0 and docs["mean_box_w"] > docs["mean_box_h"] > 0
+    assert set(summary["sources"]["scene"]) >= {"images", "boxes_per_image", "mean_box_w", "mean_box_h",
+                                                "captions_per_image"}
+
+
+def test_a_rerun_writes_nothing_twice(clean_run, raw_inputs):
+    output, summary = clean_run
+    before = {name: marker for name, marker in committed_shards(f"{output}/scene").items()}
+    again = curate(curation_config(output, raw_inputs), stream=in_process_stream)
+    assert again["sources"] == summary["sources"]
+    assert committed_shards(f"{output}/scene") == before
+
+
+def test_killed_run_resumes_to_the_clean_result(clean_run, raw_inputs, tmp_path):
+    """A run that dies after its first shard is finished by the next run, input by input."""
+    output = f"file://{tmp_path}/out"
+    config = curation_config(output, raw_inputs)
+
+    def dies_after_three(rows, kind, cfg):
+        for n, row in enumerate(in_process_stream(rows, kind, cfg)):
+            if n == 3:
+                raise KeyboardInterrupt("killed")
+            yield row
+
+    with pytest.raises(KeyboardInterrupt):
+        curate(config, stream=dies_after_three)
+    assert len(committed_shards(f"{output}/scene")) == 1  # shards of 2: one whole, one half-done (not committed)
+    curate(config, stream=in_process_stream)
+    clean_output, _ = clean_run
+    for source in ("scene", "document"):
+        got, want = outputs(output, source), outputs(clean_output, source)
+        assert got.keys() == want.keys()
+        assert {k: v["boxes"] for k, v in got.items()} == {k: v["boxes"] for k, v in want.items()}
+
+
+def test_planning_is_stable_and_names_shards_by_content(raw_inputs, tmp_path):
+    config = curation_config(f"file://{tmp_path}/out", raw_inputs)
+    first, second = plan_inputs(config), plan_inputs(config)
+    assert first.shards == second.shards
+    assert sorted(len(v) for v in first.shards["document"].values()) == [2, 2]
+
+
+def _jpeg(size, colour=(120, 120, 120)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_bad_inputs_are_counted_by_kind_and_never_stop_the_run(tmp_path, raw_inputs, caplog):
+    raw = tmp_path / "raw"
+    (raw / "img").mkdir(parents=True)
+    (raw / "docs").mkdir()
+    good = (tmp_path / "good.jpg")
+    good.write_bytes(open(raw_inputs["scene"].removeprefix("file://") + "/scene00000000.jpg", "rb").read())
+    (raw / "img" / "good.jpg").write_bytes(good.read_bytes())
+    (raw / "img" / "truncated.jpg").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 3])
+    (raw / "img" / "noise.png").write_bytes(b"\x89PNG not really")
+    (raw / "img" / "tiny.jpg").write_bytes(_jpeg((100, 80)))
+    (raw / "img" / "blank.jpg").write_bytes(_jpeg((1024, 768)))
+    (raw / "docs" / "broken.pdf").write_bytes(b"%PDF-1.4 this is not a pdf")
+    (raw / "docs" / "page.png").write_bytes(b"")  # replaced below by a real page with bad OCR JSON
+    page = Image.new("RGB", (800, 1000), "white")
+    buf = io.BytesIO()
+    page.save(buf, "PNG")
+    (raw / "docs" / "page.png").write_bytes(buf.getvalue())
+    (raw / "docs" / "page.png.ocr.json").write_text('{"words": [{"text": "x", "box": [1, 2]}')
+    index = tmp_path / "index.txt"
+    index.write_text(f"file://{raw}/img/good.jpg\nfile://{raw}/img/missing.jpg\n")
+    config = curation_config(f"file://{tmp_path}/out", {}, sources=[
+        {"name": "img", "kind": "natural", "uri": f"file://{raw}/img"},
+        {"name": "listed", "kind": "natural", "uri": f"file://{raw}/img", "index": f"file://{index}"},
+        {"name": "docs", "kind": "document", "uri": f"file://{raw}/docs", "ocr": "json"},
+    ])
+    summary = curate(config, stream=in_process_stream)
+    failures = summary["failures"]
+    assert failures["bad_image"] == 2  # truncated + not an image
+    assert failures["too_small"] == 1 and failures["no_masks"] == 1
+    assert failures["pdf_error"] == 1 and failures["bad_ocr_json"] == 1 and failures["read_error"] == 1
+    assert summary["sources"]["img"]["images"] == 1 and summary["sources"]["listed"]["images"] == 1
+    logged = caplog.text
+    assert "truncated.jpg" in logged and "broken.pdf" in logged and "missing.jpg" in logged
+
+
+def test_an_unreachable_source_is_one_line_at_start(tmp_path):
+    config = curation_config(f"file://{tmp_path}/out", {}, sources=[
+        {"name": "gone", "kind": "natural", "uri": f"file://{tmp_path}/nowhere"}])
+    with pytest.raises(InputError, match="gone: .*nowhere") as err:
+        plan_inputs(config)
+    assert "\n" not in str(err.value)
