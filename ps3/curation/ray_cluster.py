@@ -66,6 +66,11 @@ def ray_cluster(*, rank: int, world_size: int, local_rank: int, num_cpus: int, n
     which return only once `done()` is true or their Ray node has stopped."""
     import ray
 
+    # Ray enables token auth by itself when it finds ~/.ray/auth_token, and then a node or driver
+    # without that file is refused. Pods of one job reach each other only (the job's
+    # NetworkPolicy), so the default is no token; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN
+    # (from a Secret) in the stage's env to have one.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if world_size == 1:
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _temp_dir=temp_dir,
                  configure_logging=False, log_to_driver=True)
@@ -75,10 +80,11 @@ def ray_cluster(*, rank: int, world_size: int, local_rank: int, num_cpus: int, n
             ray.shutdown()
         return
     head = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    head = "127.0.0.1" if head == "localhost" else head
     port = RAY_PORTS["ray-gcs"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     if rank == 0:
-        node_ip = socket.gethostbyname(socket.gethostname()) if head not in ("127.0.0.1", "localhost") else head
+        node_ip = head if head == "127.0.0.1" else socket.gethostbyname(socket.gethostname())
         args = node_args(local_rank, num_cpus, num_gpus, temp_dir)
         proc = subprocess.Popen(_ray_cli("--head", f"--port={port}", f"--node-ip-address={node_ip}",
                                          "--include-dashboard=false", *args), env=env)
@@ -95,7 +101,7 @@ def ray_cluster(*, rank: int, world_size: int, local_rank: int, num_cpus: int, n
         return
     if not _wait_port(head, port, HEAD_WAIT_S):
         raise RuntimeError(f"no Ray head at {head}:{port} after {HEAD_WAIT_S} s")
-    node_ip = "127.0.0.1" if head in ("127.0.0.1", "localhost") else socket.gethostbyname(socket.gethostname())
+    node_ip = head if head == "127.0.0.1" else socket.gethostbyname(socket.gethostname())
     proc = subprocess.Popen(_ray_cli(f"--address={head}:{port}", f"--node-ip-address={node_ip}",
                                      *node_args(local_rank, num_cpus, num_gpus, temp_dir)), env=env)
     log.info("joined the Ray cluster at %s:%d; serving until the pipeline is done", head, port)

@@ -1,0 +1,148 @@
+"""The `curate` task as users run it: real Ray, real worker processes, real kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ps3.curation.config import CurationConfig
+from ps3.curation.models.qwen2_vl import build_tiny_qwen2_vl
+from ps3.curation.pipeline import curate
+from ps3.curation.ray_cluster import ray_cluster
+from ps3.curation.ray_adapter import stream
+from ps3.curation.writer import committed_shards
+from ps3.data import synth
+from ps3.data.index import read_index
+from ps3.data.shards import iter_webdataset
+from ps3_platform.cli import main
+
+ROOT = Path(__file__).resolve().parents[3]
+SMALL = synth.SynthConfig(scene_size=(1024, 1280), doc_long_side=(1024, 1280))
+
+
+def samples_of(uri: str) -> dict[str, dict]:
+    names = [s["name"] for s in read_index(uri)["shards"]]
+    out = {}
+    for sample in iter_webdataset(uri, names):
+        assert sample["__key__"] not in out, "an input was written twice"
+        out[sample["__key__"]] = json.loads(sample["json"])
+    return out
+
+
+@pytest.mark.slow
+def test_curate_quickstart_on_two_ray_nodes_then_pretrain(platform_home, capsys):
+    """Two worker processes form one Ray cluster (rank 0 head, rank 1 joins); the curated shards
+    train ps3-tiny unchanged; status shows the summary (table 9's columns)."""
+    overrides = ["spec.stages[0].params.samples=3", "spec.stages[0].params.pagesPerPdf=2",
+                 "spec.stages[0].params.maxSide=1024", "spec.stages[1].resources.procsPerNode=2",
+                 "spec.stages[1].train.globalBatch=2", "spec.stages[1].params.samplesPerShard=2",
+                 "spec.stages[2].train.steps=2", "spec.stages[2].train.globalBatch=4",
+                 "spec.stages[2].checkpoint.intervalSteps=2"]
+    args = ["submit", str(ROOT / "jobs" / "curate_quickstart.yaml"), "--backend", "local", "--wait", "-q"]
+    for item in overrides:
+        args += ["--set", item]
+    assert main(args) == 0, capsys.readouterr().out
+    assert "curation (curate)" in capsys.readouterr().out
+    assert main(["status", "curate-quickstart", "-o", "json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [s["phase"] for s in status["stages"]] == ["Succeeded"] * 3
+    summary = status["curation"]["curate"]
+    assert summary["sources"]["document"]["images"] == 3 and summary["sources"]["document"]["boxes_per_image"] > 0
+    assert summary["sources"]["scene"]["images"] >= 1
+    curate_stage = next(s for s in status["stages"] if s["name"] == "curate")
+    assert curate_stage["unit"] == "images" and curate_stage["step"] == curate_stage["total_steps"] == 6
+    run = platform_home / "runs" / "curate-quickstart"
+    logs = "".join(p.read_text() for p in (run / "logs" / "curate").rglob("stderr.log"))
+    assert "joined the Ray cluster" in logs and "Ray head at" in logs
+    assert list((run / "checkpoints" / "curate-quickstart" / "pretrain").glob("step-*/manifest.json"))
+
+
+def embedded_ray(tmp_path: Path):
+    return ray_cluster(rank=0, world_size=1, local_rank=0, num_cpus=2, num_gpus=0, temp_dir=f"/tmp/ray-t{os.getpid()}",
+                       done=lambda: True)
+
+
+def test_ray_pipeline_captions_with_a_tiny_qwen2_vl(tmp_path):
+    """Masks -> boxes -> Qwen2-VL local and global captions in Ray actors, batched (a random model:
+    its words are noise, what is checked is that every box and image gets one through the real path)."""
+    model = build_tiny_qwen2_vl(tmp_path / "qwen2-vl")
+    raw = synth.generate_raw(f"file://{tmp_path}/raw", 2, seed=1, kinds=["scene"], config=SMALL)
+    config = CurationConfig.model_validate({
+        "output": f"file://{tmp_path}/out", "sources": [{"name": "scene", "kind": "natural", "uri": raw["scene"]}],
+        "masks": {"generator": "classical"},
+        "captions": {"captioner": "qwen2-vl", "model": f"file://{model}", "batchSize": 4, "maxNewTokens": 8}})
+    with embedded_ray(tmp_path):
+        summary = curate(config, stream=stream)
+    samples = samples_of(f"file://{tmp_path}/out/scene")
+    assert len(samples) == 2 and summary["sources"]["scene"]["captions_per_image"] == 5  # 4 local + 1 global
+    for sample in samples.values():
+        assert len(sample["captions"]) == len(sample["boxes"]) == 4 and "global_caption" in sample
+        assert sample["provenance"]["captions"]["name"] == "qwen2-vl"
+
+
+def _spec(tmp_path: Path, raw: dict, output: str) -> Path:
+    spec = {"apiVersion": "ps3.platform/v1", "kind": "TrainingJob", "metadata": {"name": "cur"},
+            "spec": {"task": "curate", "resources": {"pool": "cpu"},
+                     "params": {"output": output, "samplesPerShard": 1,
+                                "sources": [{"name": "scene", "kind": "natural", "uri": raw["scene"]}],
+                                "masks": {"generator": "classical"}, "captions": {"captioner": "ocr"}}}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _worker(spec: Path, run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PS3_RUN_DIR": str(run_dir), "PS3_CURATE_CPUS": "2", "PS3_METRICS_PORT": "0"}
+    return subprocess.Popen([sys.executable, "-m", "ps3_platform.runtime", "--spec", str(spec), "--stage", "train"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_killed_curate_stage_resumes_to_the_clean_result_input_by_input(tmp_path):
+    raw = synth.generate_raw(f"file://{tmp_path}/raw", 6, seed=5, kinds=["scene"], config=SMALL)
+    output = f"file://{tmp_path}/out"
+    spec = _spec(tmp_path, raw, output)
+    proc = _worker(spec, tmp_path / "run")
+    deadline = time.monotonic() + 240
+    while not committed_shards(f"{output}/scene") and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the worker and its Ray processes, mid-run
+    proc.wait()
+    partial = committed_shards(f"{output}/scene")
+    assert 0 < len(partial) < 6, "killed after the first shard and before the last"
+
+    proc = _worker(spec, tmp_path / "run")
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
+    assert {k: committed_shards(f"{output}/scene")[k] for k in partial} == partial  # never rewritten
+
+    clean = CurationConfig.model_validate({**yaml.safe_load(spec.read_text())["spec"]["params"],
+                                           "output": f"file://{tmp_path}/clean"})
+    with embedded_ray(tmp_path):
+        curate(clean, stream=stream)  # the same pipeline, uninterrupted, in this process
+    got, want = samples_of(f"{output}/scene"), samples_of(f"file://{tmp_path}/clean/scene")
+    assert got.keys() == want.keys()
+    assert {k: (v["input"], v["boxes"]) for k, v in got.items()} == {k: (v["input"], v["boxes"])
+                                                                    for k, v in want.items()}
+    summary = json.loads((tmp_path / "run" / "train" / "curation.json").read_text())
+    assert summary["sources"]["scene"]["inputs"] == 6
+
+
+def test_missing_weights_fail_validate_in_one_line(tmp_path, capsys):
+    spec = yaml.safe_load((ROOT / "jobs" / "curate.yaml").read_text())
+    spec["spec"]["params"]["masks"]["checkpoint"] = f"file://{tmp_path}/sam_vit_h.pth"
+    spec["spec"]["params"]["captions"]["model"] = f"file://{tmp_path}/qwen2-vl"
+    path = tmp_path / "curate.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert main(["validate", str(path)]) != 0
+    err = capsys.readouterr().err
+    assert "params.masks.checkpoint" in err and "sam_vit_h.pth" in err and "params.captions.model" in err
+    assert "Traceback" not in err
