@@ -4,6 +4,10 @@
   image) vs the plain loop over boxes x masks, on the same masks; asserts equal output.
 - box recall: the share of synthetic signs (`ps3.data.synth` scenes) whose centre lies in
   one of the 4 salient boxes, with `ClassicalSegmenter` masks; also its time per image.
+- OCR word recall: the share of the labelled lines' words of synthetic documents that
+  Tesseract reads back (same string, box overlapping the line).
+- throughput: the whole pipeline (read -> masks -> boxes -> OCR captions, documents -> OCR)
+  on Ray Data with 1 and then 2 CPU workers, on the same raw inputs (Ray start excluded).
 
 Usage: python bench/curate.py [--quick] [--scenes N] [--seed S]
 The last line printed is one JSON object.
@@ -57,10 +61,10 @@ def _timed(fn, *args, repeat: int = 1) -> tuple[object, float]:
 def bench_saliency(quick: bool) -> dict:
     """Vectorised vs loop scores for one 4K image: 100 masks at 1024x768, 90 candidates."""
     image, work = (4096, 3072), (1024, 768)
-    masks = random_masks(40 if quick else 100, work, image)
+    masks = random_masks(100, work, image)
     boxes = candidate_boxes(*image)
     fast, fast_s = _timed(saliency_scores, masks, boxes, repeat=5)
-    loop, loop_s = _timed(saliency_scores_loop, masks, boxes, repeat=2)
+    loop, loop_s = _timed(saliency_scores_loop, masks, boxes, repeat=1 if quick else 2)
     np.testing.assert_allclose(fast, loop, rtol=1e-5, atol=1e-6 * float(np.abs(loop).max()))
     return {"saliency_masks": masks.count, "saliency_boxes": len(boxes), "saliency_ms": round(1000 * fast_s, 2),
             "saliency_loop_ms": round(1000 * loop_s, 1), "saliency_speedup": round(loop_s / fast_s, 1)}
@@ -83,11 +87,67 @@ def bench_box_recall(quick: bool, scenes: int | None = None, seed: int = 0) -> d
             "segment_ms_per_image": round(1000 * seg_s / n, 1), "mean_megapixels": round(megapixels / n, 2)}
 
 
+def bench_ocr(quick: bool) -> dict:
+    from ps3.curation.documents import ocr_word_recall
+
+    n = 4 if quick else 20
+    started = time.perf_counter()
+    recall = ocr_word_recall(n, seed=0)
+    return {"ocr_word_recall": round(recall, 3), "ocr_pages": n,
+            "ocr_s_per_page": round((time.perf_counter() - started) / n, 2)}
+
+
+def _throughput(raw: dict, output: str, workers: int) -> float:
+    """Inputs per second of one whole curation run on a fresh embedded Ray with `workers` CPUs."""
+    import tempfile
+
+    from ps3.curation.config import CurationConfig
+    from ps3.curation.pipeline import curate
+    from ps3.curation.ray_adapter import stream
+    from ps3.curation.ray_cluster import ray_cluster
+
+    config = CurationConfig.model_validate({
+        "output": output, "samplesPerShard": 4, "masks": {"generator": "classical"}, "captions": {"captioner": "ocr"},
+        # two pools of `workers` actors share `workers` CPUs: half a CPU each, so both stages run at once
+        "workers": {"masks": workers, "captions": workers, "cpusPerActor": 0.5},
+        "sources": [{"name": kind, "kind": "natural" if kind == "scene" else "document", "uri": uri}
+                    for kind, uri in raw.items()]})
+    arrivals: list[float] = []
+
+    def timed(rows, kind, cfg):
+        for row in stream(rows, kind, cfg):
+            arrivals.append(time.perf_counter())
+            yield row
+
+    with ray_cluster(rank=0, world_size=1, local_rank=0, num_cpus=workers, num_gpus=0,
+                     temp_dir=tempfile.mkdtemp(prefix="ray-bench-"), done=lambda: True):
+        curate(config, stream=timed)
+    # Steady state: from the first finished input to the last, so actor start-up (model loads)
+    # and filling the pipeline are not counted against more workers.
+    return (len(arrivals) - 1) / max(1e-9, arrivals[-1] - arrivals[0])
+
+
+def bench_throughput(quick: bool) -> dict:
+    import tempfile
+
+    from ps3.data.synth import generate_raw
+
+    root = tempfile.mkdtemp(prefix="curate-bench-")
+    n = 6 if quick else 16
+    kinds = ["scene"] if quick else ["scene", "document"]  # quick: OCR of whole pages takes ~3 s each
+    raw = generate_raw(f"file://{root}/raw", n, seed=9, kinds=kinds,
+                       config=SynthConfig(scene_size=(1024, 1536), doc_long_side=(1024, 1536)))
+    one = _throughput(raw, f"file://{root}/out1", 1)
+    two = _throughput(raw, f"file://{root}/out2", 2)
+    return {"images_per_s_1": round(one, 3), "images_per_s_2": round(two, 3), "scaling": round(two / one, 2),
+            "throughput_inputs": n * len(kinds), "cpus": os.cpu_count()}
+
+
 def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="curation benchmarks (1 core)")
+    table = Table(title="curation benchmarks (saliency, recall, OCR on 1 core; throughput on 1 and 2)")
     table.add_column("measure")
     table.add_column("value", justify="right")
     for key, value in result.items():
@@ -102,7 +162,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="synthetic data seed for box recall")
     args = parser.parse_args()
     result = {**bench_saliency(args.quick), **bench_box_recall(args.quick, args.scenes, args.seed),
-              "threads": 1}
+              **bench_ocr(args.quick), "threads": 1}
+    result.update(bench_throughput(args.quick))  # last: Ray starts worker processes of its own
     print_table(result)
     print(json.dumps(result))
 

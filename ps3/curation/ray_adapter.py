@@ -47,10 +47,14 @@ def stream(rows: list[dict], kind: str, config: CurationConfig) -> Iterator[dict
         return
     _quiet()
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
-    ds = ds.map(read_input, fn_kwargs={"config": config})
+    # The CPU stages ask for what the actors ask for, so Ray Data fuses each into the actor stage
+    # after it (one process, no extra copies). With different requests they stay separate tasks,
+    # and pools that hold every CPU would starve them: the run would wait forever.
+    cpus = config.workers.cpus_per_actor
+    ds = ds.map(read_input, fn_kwargs={"config": config}, num_cpus=cpus)
     if kind == "natural":
         ds = _actors(ds, Segment, config, config.workers.masks, SEGMENT_BATCH)
-        ds = ds.map(select_boxes, fn_kwargs={"config": config})
+        ds = ds.map(select_boxes, fn_kwargs={"config": config}, num_cpus=cpus)
         ds = _actors(ds, Caption, config, config.workers.captions, max(1, config.captions.batch_size // 4))
     else:
         ds = _actors(ds, DocumentText, config, config.workers.captions, DOCUMENT_BATCH)
