@@ -123,9 +123,14 @@ class CurationConfig(CurationModel):
         return self
 
 
-def check_params(params: dict) -> list[tuple[tuple, str]]:
+def check_params(params: dict, *, remote: bool = False) -> list[tuple[tuple, str]]:
     """Problems with a `curate` stage's params, as (path inside params, message): the spec's
-    shape first, then the weights it names (which must exist before any work starts)."""
+    shape first, then the weights it names, which must exist before any work starts.
+
+    `platformctl validate` checks weights on local paths only: object storage may be out of
+    reach (or slow to say so) from where a spec is written, so remote weights are checked by
+    every worker at start (`remote=True`), still before any work.
+    """
     from pydantic import ValidationError
 
     try:
@@ -139,7 +144,7 @@ def check_params(params: dict) -> list[tuple[tuple, str]]:
     wanted = [(("masks", "checkpoint"), config.masks.checkpoint if config.masks.generator == "sam" else None),
               (("captions", "model"), config.captions.model if config.captions.captioner == "qwen2-vl" else None)]
     for path, uri in wanted:
-        if uri is None:
+        if uri is None or (not remote and "://" in uri and not uri.startswith("file://")):
             continue
         try:
             check_weights(uri)

@@ -46,7 +46,7 @@ def _reporter(ctx: RunContext, log: JsonlLog):
 
 
 def build(ctx: RunContext) -> TaskState:
-    problems = check_params(ctx.params)  # the same checks as `platformctl validate`, in case it was skipped
+    problems = check_params(ctx.params, remote=True)  # validate's checks, plus weights on object storage
     if problems:
         path, message = problems[0]
         raise TaskSetupError(f"spec params.{'.'.join(str(p) for p in path)}: {message}")

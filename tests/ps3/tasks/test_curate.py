@@ -146,3 +146,29 @@ def test_missing_weights_fail_validate_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "params.masks.checkpoint" in err and "sam_vit_h.pth" in err and "params.captions.model" in err
     assert "Traceback" not in err
+
+
+def test_progress_reaches_metrics_and_the_status_log(tmp_path):
+    from types import SimpleNamespace
+
+    from ps3.curation.pipeline import Progress
+    from ps3.tasks.curate import _reporter
+    from ps3_platform.runtime.metrics import JsonlLog, Metrics
+
+    metrics = Metrics("job", "curate", 0)
+    log = JsonlLog(tmp_path / "metrics.jsonl")
+    report = _reporter(SimpleNamespace(metrics=metrics), log)
+    progress = Progress(total=10, done=3)
+    progress.failures["bad_image"] += 1
+    report(progress, "scene", {"a": {"status": "written", "boxes": 4}, "b": {"status": "skipped",
+                                                                        "reason": "bad_image"}})
+    log.close()
+    value = metrics.registry.get_sample_value
+    labels = {"job": "job", "stage": "curate", "rank": "0"}
+    assert value("ps3_curate_images_total", {**labels, "source": "scene", "outcome": "written"}) == 1
+    assert value("ps3_curate_boxes_total", {**labels, "source": "scene"}) == 4
+    assert value("ps3_curate_failures_total", {**labels, "kind": "bad_image"}) == 1
+    assert value("ps3_curate_images_done", labels) == 3 and value("ps3_curate_images_planned", labels) == 10
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 3 and record["total"] == 10 and record["unit"] == "images"
+    assert record["failures"] == {"bad_image": 1}
