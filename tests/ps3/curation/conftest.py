@@ -7,6 +7,8 @@ the Ray adapter schedules; `test_ray_pipeline.py` runs the same through real Ray
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ps3.curation.actors import Caption, DocumentText, Segment
@@ -15,6 +17,21 @@ from ps3.curation.stages import read_input, select_boxes
 from ps3.data import synth
 
 SMALL = synth.SynthConfig(scene_size=(1024, 1280), doc_long_side=(1024, 1280))
+
+
+@pytest.fixture(scope="session")
+def tesseract():
+    """Tesseract's OCR; fails, not skips, without it, unless PS3_ALLOW_NO_TESSERACT=1, so a CI
+    image that lost the Debian package cannot pass silently."""
+    from ps3.curation.models.ocr import TesseractOcr, TesseractUnavailable, check_tesseract
+
+    try:
+        check_tesseract("eng")
+    except TesseractUnavailable as exc:
+        if os.environ.get("PS3_ALLOW_NO_TESSERACT") == "1":
+            pytest.skip(str(exc))
+        pytest.fail(f"{exc} (set PS3_ALLOW_NO_TESSERACT=1 to skip)")
+    return TesseractOcr()
 
 
 @pytest.fixture(scope="session")

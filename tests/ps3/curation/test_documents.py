@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import numpy as np
 import pytest
@@ -20,20 +19,8 @@ from ps3.curation.documents import (
     sample_document_boxes,
     sentence_boxes,
 )
-from ps3.curation.models.ocr import TesseractOcr, TesseractUnavailable, Word, check_tesseract
+from ps3.curation.models.ocr import Word
 from ps3.data import synth
-
-
-@pytest.fixture(scope="module")
-def tesseract():
-    """Fail, not skip, without Tesseract, unless PS3_ALLOW_NO_TESSERACT=1."""
-    try:
-        check_tesseract("eng")
-    except TesseractUnavailable as exc:
-        if os.environ.get("PS3_ALLOW_NO_TESSERACT") == "1":
-            pytest.skip(str(exc))
-        pytest.fail(f"{exc} (set PS3_ALLOW_NO_TESSERACT=1 to skip)")
-    return TesseractOcr()
 
 
 def _pdf(*pages: Image.Image, resolution: float = 100.0) -> bytes:

@@ -3,7 +3,6 @@ missing install says which Debian package to add."""
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytesseract
@@ -11,21 +10,13 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from ps3.curation.models import Captioner
-from ps3.curation.models.ocr import OcrCaptioner, TesseractOcr, TesseractUnavailable, Word, check_tesseract, ocr_words
+from ps3.curation.models.ocr import OcrCaptioner, TesseractOcr, TesseractUnavailable, Word, ocr_words
 from ps3.curation.types import CaptionError, CaptionRequest
 
 LINES = [("invoice total amount", (40, 40)), ("payment received today", (40, 120))]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tesseract_installed():
-    """Fail, not skip, without Tesseract: a CI image that lost it must not pass silently."""
-    try:
-        check_tesseract("eng")
-    except TesseractUnavailable as exc:
-        if os.environ.get("PS3_ALLOW_NO_TESSERACT") == "1":
-            pytest.skip(str(exc))
-        pytest.fail(f"{exc} (set PS3_ALLOW_NO_TESSERACT=1 to skip)")
+pytestmark = pytest.mark.usefixtures("tesseract")
 
 
 @pytest.fixture(scope="module")
