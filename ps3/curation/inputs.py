@@ -56,6 +56,8 @@ class InputItem:
         """How logs and summaries name the input."""
         if self.page is not None:
             return f"{self.uri}#page={self.page + 1}"
+        if self.member is not None:
+            return f"{self.uri}#offset={self.member[0]}"
         return self.uri
 
     def to_row(self) -> dict:

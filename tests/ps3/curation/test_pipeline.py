@@ -145,3 +145,22 @@ def test_an_unreachable_source_is_one_line_at_start(tmp_path):
     with pytest.raises(InputError, match="gone: .*nowhere") as err:
         plan_inputs(config)
     assert "\n" not in str(err.value)
+
+
+def test_webdataset_shards_and_globs_are_inputs_too(tmp_path, raw_inputs):
+    """Existing shards are re-curated member by member; a glob picks files out of a directory."""
+    from ps3.data import synth
+
+    from .conftest import SMALL
+
+    synth.generate(f"file://{tmp_path}/shards", 3, seed=4, kinds=["scene"], samples_per_shard=2, config=SMALL)
+    config = curation_config(f"file://{tmp_path}/out", {}, sources=[
+        {"name": "wds", "kind": "natural", "uri": f"file://{tmp_path}/shards/scene", "format": "webdataset"},
+        {"name": "globbed", "kind": "natural", "uri": raw_inputs["scene"] + "/scene0000000[01].jpg"}])
+    plan = plan_inputs(config)
+    assert sum(len(v) for v in plan.shards["wds"].values()) == 3
+    assert sum(len(v) for v in plan.shards["globbed"].values()) == 2
+    summary = curate(config, plan, stream=in_process_stream)
+    assert summary["sources"]["wds"]["inputs"] == 3 and summary["sources"]["globbed"]["inputs"] == 2
+    samples = outputs(f"file://{tmp_path}/out", "wds")
+    assert samples and all(".tar#offset=" in s["input"] for s in samples.values())
