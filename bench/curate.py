@@ -104,7 +104,7 @@ def _throughput(raw: dict, output: str, workers: int) -> float:
     from ps3.curation.config import CurationConfig
     from ps3.curation.pipeline import curate
     from ps3.curation.ray_adapter import stream
-    from ps3.curation.ray_cluster import ray_cluster
+    from ps3.curation import ray_cluster
 
     config = CurationConfig.model_validate({
         "output": output, "samplesPerShard": 4, "masks": {"generator": "classical"}, "captions": {"captioner": "ocr"},
@@ -119,8 +119,8 @@ def _throughput(raw: dict, output: str, workers: int) -> float:
             arrivals.append(time.perf_counter())
             yield row
 
-    with ray_cluster(rank=0, world_size=1, local_rank=0, num_cpus=workers, num_gpus=0,
-                     temp_dir=tempfile.mkdtemp(prefix="ray-bench-"), done=lambda: True):
+    ray_cluster.disable_implicit_auth()
+    with ray_cluster.embedded(workers, 0, tempfile.mkdtemp(prefix="ray-bench-")):
         curate(config, stream=timed)
     # Steady state: from the first finished input to the last, so actor start-up (model loads)
     # and filling the pipeline are not counted against more workers.

@@ -64,7 +64,9 @@ class MaskConfig(CurationModel):
 
 
 class BoxConfig(CurationModel):
-    fraction: float = Field(0.2, gt=0, le=1, description="Box side as a fraction of the image's short side.")
+    #: The 1.5:1 box of the same area has a long side of fraction * sqrt(1.5): it must fit the image.
+    fraction: float = Field(0.2, gt=0, le=round(1 / 1.5 ** 0.5, 4),
+                            description="Box side as a fraction of the image's short side (at most 0.8165).")
     top_k: int = Field(4, ge=1, description="Non-overlapping boxes kept per image.")
     min_box_px: int = Field(28, ge=1, description="Images whose box side would be smaller are skipped.")
 

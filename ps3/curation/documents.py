@@ -56,8 +56,11 @@ def render_pdf_page(data: bytes, page: int, dpi: int = 150) -> Image.Image:
     try:
         if not 0 <= page < len(pdf):
             raise DocumentError(f"PDF has {len(pdf)} pages, no page {page}")
-        handle = pdf[page]
-        width, height = (max(1, round(v * dpi / 72)) for v in handle.get_size())
+        try:
+            handle = pdf[page]
+            width, height = (max(1, round(v * dpi / 72)) for v in handle.get_size())
+        except pdfium.PdfiumError as exc:
+            raise DocumentError(f"cannot load page {page}: {exc}") from None
         if width * height > MAX_PAGE_PIXELS:
             raise DocumentError(f"page {page} renders to {width}x{height} px at {dpi} DPI, "
                                 f"over {MAX_PAGE_PIXELS} pixels")

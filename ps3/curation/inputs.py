@@ -80,14 +80,16 @@ def list_inputs(source: SourceSpec, failures: list[tuple[str, str, str]]) -> lis
     """Every input of `source`, sorted by id. PDFs are opened to count pages; one that cannot
     be opened is recorded in `failures` as (name, kind, detail) and skipped."""
     if source.format == "webdataset":
-        return sorted(_webdataset_inputs(source), key=lambda i: i.id)
-    items = []
-    for uri in _file_uris(source):
-        if uri.lower().endswith(PDF_SUFFIX):
-            items += _pdf_inputs(source, uri, failures)
-        else:
-            items.append(InputItem(input_id(source.name, uri), source.name, source.kind, uri))
-    return sorted(items, key=lambda i: i.id)
+        items = _webdataset_inputs(source, failures)
+    else:
+        items = []
+        for uri in _file_uris(source):
+            if uri.lower().endswith(PDF_SUFFIX):
+                items += _pdf_inputs(source, uri, failures)
+            else:
+                items.append(InputItem(input_id(source.name, uri), source.name, source.kind, uri))
+    unique = {item.id: item for item in items}  # an index that lists a file twice still curates it once
+    return sorted(unique.values(), key=lambda i: i.id)
 
 
 def _wanted(path: str, kind: str) -> bool:
@@ -133,7 +135,7 @@ def _pdf_inputs(source: SourceSpec, uri: str, failures: list) -> list[InputItem]
             for p in range(pages)]
 
 
-def _webdataset_inputs(source: SourceSpec) -> list[InputItem]:
+def _webdataset_inputs(source: SourceSpec, failures: list) -> list[InputItem]:
     """Image members of the shards of a webdataset directory, addressed by tar offset."""
     try:
         fs, path = filesystem(source.uri)
@@ -142,9 +144,14 @@ def _webdataset_inputs(source: SourceSpec) -> list[InputItem]:
         raise InputError(f"source {source.name}: cannot list {source.uri}: {type(exc).__name__}: {exc}") from None
     items = []
     for shard in shards:
-        cached = read_sidecar(fs, shard) if fs.exists(shard + SIDECAR_SUFFIX) else None
-        entries = cached[1] if cached else scan_shard(fs, shard).samples
         uri = fs_uri(fs, shard)
+        try:
+            cached = read_sidecar(fs, shard) if fs.exists(shard + SIDECAR_SUFFIX) else None
+            fresh = cached is not None and cached[0] == fs.size(shard)  # a table of another tar is not trusted
+            entries = cached[1] if fresh else scan_shard(fs, shard).samples
+        except (OSError, ValueError) as exc:
+            failures.append((uri, "read_error", f"{type(exc).__name__}: {exc}"))
+            continue
         for entry in entries:
             if entry.image is not None:
                 items.append(InputItem(input_id(source.name, uri, entry.key), source.name, source.kind, uri,

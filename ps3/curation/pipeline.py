@@ -108,19 +108,19 @@ def _pending_rows(config, plans, outcomes, kind: str) -> list[dict]:
 
 
 def _write_as_completed(config, plans, outcomes, rows: Iterable[dict], progress: Progress) -> None:
-    """Hold finished rows per shard; a shard is written the moment its last input is back."""
-    arrived: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    """Hold finished rows per shard; a shard is written the moment every one of its inputs is back."""
+    arrived: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
     last_report = 0.0
     for row in rows:
         meta = json.loads(row["meta"])
         key = (meta["source"], row["shard"])
-        arrived[key].append({**row, "meta": meta})
+        if row["id"] in arrived[key]:
+            continue  # a row delivered twice (a retried block) is one input
+        arrived[key][row["id"]] = {**row, "meta": meta}
         progress.done += 1
-        if meta.get("failed"):
-            progress.failures[meta["failed"]] += 1
-            log.warning("skipped %s: %s: %s", InputItem.from_meta(meta).name, meta["failed"], meta.get("error"))
-        if len(arrived[key]) == len(plans[key[0]][key[1]]):
-            committed = _commit(config, key, arrived.pop(key))
+        _log_losses(meta, progress)
+        if arrived[key].keys() == {i.id for i in plans[key[0]][key[1]]}:
+            committed = _commit(config, key, list(arrived.pop(key).values()))
             outcomes[key[0]].update(committed)
             progress.report(progress, key[0], committed)
             last_report = time.monotonic()
@@ -129,6 +129,18 @@ def _write_as_completed(config, plans, outcomes, rows: Iterable[dict], progress:
             last_report = time.monotonic()
     if arrived:  # the stream ended early: those shards stay uncommitted and the next run redoes them
         raise RuntimeError(f"{len(arrived)} shards did not receive all their inputs; rerun to finish them")
+
+
+def _log_losses(meta: dict, progress: Progress) -> None:
+    """Count and name what an input lost: the whole input (a skip), or boxes without a caption."""
+    name = InputItem.from_meta(meta).name
+    if meta.get("failed"):
+        progress.failures[meta["failed"]] += 1
+        log.warning("skipped %s: %s: %s", name, meta["failed"], meta.get("error"))
+    elif meta.get("dropped_boxes"):
+        progress.failures["caption_dropped"] += meta["dropped_boxes"]
+        log.warning("dropped %d of %d boxes of %s: no caption after retries (error, timeout or nothing to read)",
+                    meta["dropped_boxes"], meta["dropped_boxes"] + len(meta["boxes"]), name)
 
 
 def _commit(config: CurationConfig, key: tuple[str, str], rows: list[dict]) -> dict[str, dict]:
@@ -173,6 +185,9 @@ def summarise(config: CurationConfig, outcomes: dict, listing_failures: list) ->
         widths = [w for o in written for w in o["box_w"]]
         heights = [h for o in written for h in o["box_h"]]
         reasons = Counter(o["reason"] for o in done if o["status"] == "skipped")
+        dropped = sum(o.get("dropped_boxes", 0) for o in written)
+        if dropped:
+            summary["failures"]["caption_dropped"] = summary["failures"].get("caption_dropped", 0) + dropped
         for reason, n in reasons.items():
             summary["failures"][reason] = summary["failures"].get(reason, 0) + n
         images = len(written)
@@ -182,7 +197,7 @@ def summarise(config: CurationConfig, outcomes: dict, listing_failures: list) ->
             "mean_box_w": round(sum(widths) / len(widths), 1) if widths else 0.0,
             "mean_box_h": round(sum(heights) / len(heights), 1) if heights else 0.0,
             "captions_per_image": round(sum(o["captions"] for o in written) / images, 2) if images else 0.0,
-            "skipped": dict(reasons), "uri": source_uri(config, source.name),
+            "skipped": dict(reasons), "captions_dropped": dropped, "uri": source_uri(config, source.name),
         }
     return summary
 

@@ -80,7 +80,10 @@ def read_input(row: dict, config: CurationConfig) -> dict:
             return failed(row, "bad_image", f"{type(exc).__name__}: {exc}")
         ext = STORED_FORMATS.get(image.format)
         if ext is None or image.mode not in ("RGB", "L"):
-            data, ext = _encode(image.convert("RGB"), "jpg"), "jpg"
+            try:  # webp, tiff, RGBA, 16-bit...: the shard format holds jpg or png
+                data, ext = _encode(image.convert("RGB"), "jpg"), "jpg"
+            except (OSError, ValueError) as exc:
+                return failed(row, "bad_image", f"cannot re-encode {image.format} {image.mode}: {exc}")
     if item.kind == "natural" and min(image.size) * config.boxes.fraction < config.boxes.min_box_px:
         return failed(row, "too_small", f"{image.width}x{image.height}: a box of {config.boxes.fraction:g} of the "
                                         f"short side is under {config.boxes.min_box_px} px")

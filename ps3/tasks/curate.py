@@ -36,6 +36,8 @@ def _reporter(ctx: RunContext, log: JsonlLog):
             metrics.get("ps3_curate_images_total", source=source, outcome=outcome["status"]).inc()
             if outcome["status"] == "written":
                 metrics.get("ps3_curate_boxes_total", source=source).inc(outcome["boxes"])
+                if outcome.get("dropped_boxes"):
+                    metrics.get("ps3_curate_failures_total", kind="caption_dropped").inc(outcome["dropped_boxes"])
             else:
                 metrics.get("ps3_curate_failures_total", kind=outcome["reason"]).inc()
         log.write({"step": progress.done, "total": progress.total, "loss": None, "unit": "images",
@@ -45,45 +47,92 @@ def _reporter(ctx: RunContext, log: JsonlLog):
     return report
 
 
+def _check_tesseract(config: CurationConfig) -> None:
+    """OCR runs in Ray actors; without Tesseract they would die with a traceback each."""
+    if config.captions.captioner != "ocr" and not any(
+            s.kind == "document" and s.ocr == "tesseract" for s in config.sources):
+        return
+    from ps3.curation.models.ocr import TesseractUnavailable, check_tesseract
+
+    try:
+        check_tesseract(config.documents.lang)
+    except TesseractUnavailable as exc:
+        raise TaskSetupError(str(exc)) from None
+
+
+def _outcome_flag(config: CurationConfig):
+    """How rank 0 tells the other ranks that the pipeline ended: "ok" or "failed" under the output."""
+    fs, path = filesystem(join(config.output, DONE_FLAG))
+
+    def read() -> str | None:
+        try:
+            return fs.cat_file(path).decode().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def write(state: str | None) -> None:
+        if state is None:
+            if fs.exists(path):
+                fs.rm(path)
+            return
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, state.encode())
+
+    return read, write
+
+
 def build(ctx: RunContext) -> TaskState:
     problems = check_params(ctx.params, remote=True)  # validate's checks, plus weights on object storage
     if problems:
         path, message = problems[0]
         raise TaskSetupError(f"spec params.{'.'.join(str(p) for p in path)}: {message}")
     config = CurationConfig.model_validate(ctx.params)
-    gpus = ctx.stage.resources.gpus_per_node
+    _check_tesseract(config)
+    res = ctx.stage.resources
+    gpus = res.gpus_per_node // res.nproc
     if gpus and config.workers.gpus_per_actor == 0:  # the pool has GPUs: put the models on them
         config.workers.gpus_per_actor = 1.0
-    done_fs, done_path = filesystem(join(config.output, DONE_FLAG))
-    plan = None
-    if ctx.rank == 0:  # an unreachable or empty source fails here, before Ray starts
+    read_outcome, write_outcome = _outcome_flag(config)
+    env_cpus = int(os.environ.get("PS3_CURATE_CPUS", 0))
+    cpus = env_cpus or (None if res.nproc == 1 else max(1, (os.cpu_count() or 2) // res.nproc))
+    temp_dir = os.environ.get("PS3_RAY_TMP") or tempfile.gettempdir() + f"/ray-{ctx.job[:20]}"
+
+    def drive() -> dict:
+        """Rank 0, once Ray is up: plan, curate, say how it ended (the other ranks wait for that)."""
+        from ps3.curation.ray_adapter import ResourceError
+
+        log = JsonlLog(ctx.run_dir / "metrics.jsonl")
         try:
-            plan = plan_inputs(config)
-        except InputError as exc:
+            summary = curate(config, plan_inputs(config), Progress(report=_reporter(ctx, log)))
+        except (InputError, ResourceError) as exc:  # an unreachable source, pools that cannot be placed
+            write_outcome("failed")
             raise TaskSetupError(str(exc)) from None
-
-    def run() -> dict:
-        from ps3.curation.ray_cluster import ray_cluster
-
-        if ctx.rank == 0 and done_fs.exists(done_path):
-            done_fs.rm(done_path)
-        cpus = int(os.environ.get("PS3_CURATE_CPUS", 0)) or max(1, (os.cpu_count() or 2) // ctx.stage.resources.nproc)
-        temp_dir = os.environ.get("PS3_RAY_TMP") or tempfile.gettempdir() + f"/ray-{ctx.job[:20]}"
-        with ray_cluster(rank=ctx.rank, world_size=ctx.world_size, local_rank=ctx.local_rank, num_cpus=cpus,
-                         num_gpus=gpus // ctx.stage.resources.nproc, temp_dir=temp_dir,
-                         done=lambda: done_fs.exists(done_path)) as driver:
-            if not driver:
-                return {}
-            log = JsonlLog(ctx.run_dir / "metrics.jsonl")
-            try:
-                summary = curate(config, plan, Progress(report=_reporter(ctx, log)))
-            finally:
-                done_fs.makedirs(done_path.rsplit("/", 1)[0], exist_ok=True)
-                done_fs.pipe_file(done_path, b"done")
-            log.write({"event": "completed", "step": sum(s["inputs"] for s in summary["sources"].values())})
-            log.close()
+        except BaseException:
+            write_outcome("failed")
+            raise
+        write_outcome("ok")
+        log.write({"event": "completed", "step": sum(s["inputs"] for s in summary["sources"].values())})
+        log.close()
         (ctx.run_dir / "curation.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         ctx.log.info("curation summary: %s", json.dumps(summary, sort_keys=True))
         return summary
+
+    def run() -> dict:
+        from ps3.curation import ray_cluster
+
+        ray_cluster.disable_implicit_auth()
+        if ctx.world_size == 1:
+            with ray_cluster.embedded(cpus, gpus, temp_dir):
+                return drive()
+        try:
+            if ctx.rank == 0:
+                write_outcome(None)  # before the head starts: no node can read last run's outcome
+                with ray_cluster.head(ctx.world_size, ctx.local_rank, res.nproc, cpus, gpus, temp_dir):
+                    return drive()
+            ray_cluster.join(ctx.local_rank, res.nproc, cpus, gpus, temp_dir, read_outcome)
+            return {}
+        except ray_cluster.RayClusterError as exc:  # retryable (a restart re-forms the cluster): exit 1, one line
+            ctx.log.error("%s", exc)
+            raise SystemExit(1) from None
 
     return TaskState(run=run)

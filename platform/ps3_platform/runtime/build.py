@@ -113,7 +113,10 @@ def run_stage(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, log
             raise RunSetupError(str(exc)) from None
         seed_everything(stage.train.seed + 1000 * world.rank)  # distinct per-rank randomness from here on
         if task.run is not None:
-            task.run()
+            try:
+                task.run()
+            except TaskSetupError as exc:  # found only once running (a data task's inputs): still one line
+                raise RunSetupError(str(exc)) from None
             return "completed"
         jsonl = JsonlLog(run_dir / "metrics.jsonl" if world.is_main else None)
         trainer = Trainer(ctx, task, world, _checkpointer(job, stage, world, metrics, run_dir),

@@ -123,7 +123,7 @@ def test_bad_inputs_are_counted_by_kind_and_never_stop_the_run(tmp_path, raw_inp
     (raw / "docs" / "page.png").write_bytes(buf.getvalue())
     (raw / "docs" / "page.png.ocr.json").write_text('{"words": [{"text": "x", "box": [1, 2]}')
     index = tmp_path / "index.txt"
-    index.write_text(f"file://{raw}/img/good.jpg\nfile://{raw}/img/missing.jpg\n")
+    index.write_text(f"file://{raw}/img/good.jpg\nfile://{raw}/img/missing.jpg\nfile://{raw}/img/good.jpg\n")
     config = curation_config(f"file://{tmp_path}/out", {}, sources=[
         {"name": "img", "kind": "natural", "uri": f"file://{raw}/img"},
         {"name": "listed", "kind": "natural", "uri": f"file://{raw}/img", "index": f"file://{index}"},
@@ -135,6 +135,7 @@ def test_bad_inputs_are_counted_by_kind_and_never_stop_the_run(tmp_path, raw_inp
     assert failures["too_small"] == 1 and failures["no_masks"] == 1
     assert failures["pdf_error"] == 1 and failures["bad_ocr_json"] == 1 and failures["read_error"] == 1
     assert summary["sources"]["img"]["images"] == 1 and summary["sources"]["listed"]["images"] == 1
+    assert summary["sources"]["listed"]["inputs"] == 2  # listed twice, curated once
     logged = caplog.text
     assert "truncated.jpg" in logged and "broken.pdf" in logged and "missing.jpg" in logged
 

@@ -16,8 +16,8 @@ import yaml
 from ps3.curation.config import CurationConfig
 from ps3.curation.models.qwen2_vl import build_tiny_qwen2_vl
 from ps3.curation.pipeline import curate
-from ps3.curation.ray_cluster import ray_cluster
-from ps3.curation.ray_adapter import stream
+from ps3.curation import ray_cluster
+from ps3.curation.ray_adapter import ResourceError, check_resources, stream
 from ps3.curation.writer import committed_shards
 from ps3.data import synth
 from ps3.data.index import read_index
@@ -66,8 +66,8 @@ def test_curate_quickstart_on_two_ray_nodes_then_pretrain(platform_home, capsys)
 
 
 def embedded_ray(tmp_path: Path):
-    return ray_cluster(rank=0, world_size=1, local_rank=0, num_cpus=2, num_gpus=0, temp_dir=f"/tmp/ray-t{os.getpid()}",
-                       done=lambda: True)
+    ray_cluster.disable_implicit_auth()
+    return ray_cluster.embedded(2, 0, f"/tmp/ray-t{os.getpid()}")
 
 
 def test_ray_pipeline_captions_with_a_tiny_qwen2_vl(tmp_path):
@@ -81,6 +81,10 @@ def test_ray_pipeline_captions_with_a_tiny_qwen2_vl(tmp_path):
         "captions": {"captioner": "qwen2-vl", "model": f"file://{model}", "batchSize": 4, "maxNewTokens": 8}})
     with embedded_ray(tmp_path):
         summary = curate(config, stream=stream)
+        too_many = config.model_copy(update={"workers": config.workers.model_copy(update={"masks": 3,
+                                                                                          "gpus_per_actor": 1.0})})
+        with pytest.raises(ResourceError, match="needs 4 actors with 4 CPUs and 1 GPUs.*has 2 CPUs and 0 GPUs"):
+            check_resources("natural", too_many)  # would wait forever for actors that cannot be placed
     samples = samples_of(f"file://{tmp_path}/out/scene")
     assert len(samples) == 2 and summary["sources"]["scene"]["captions_per_image"] == 5  # 4 local + 1 global
     for sample in samples.values():
