@@ -25,6 +25,8 @@ DONE_FLAG = "_curation/driver-done"
 
 
 def _reporter(ctx: RunContext, log: JsonlLog):
+    """Progress to metrics, to metrics.jsonl (local status) and, at every committed shard, to the
+    log as `N/T images R images/s`, which the Kubernetes backend's status reads from rank 0's pod."""
     metrics = ctx.metrics
 
     def report(progress: Progress, source: str | None, outcomes: dict | None) -> None:
@@ -40,6 +42,8 @@ def _reporter(ctx: RunContext, log: JsonlLog):
                     metrics.get("ps3_curate_failures_total", kind="caption_dropped").inc(outcome["dropped_boxes"])
             else:
                 metrics.get("ps3_curate_failures_total", kind=outcome["reason"]).inc()
+        if outcomes is not None:
+            ctx.log.info("curate %d/%d images %.3f images/s", progress.done, progress.total, rate)
         log.write({"step": progress.done, "total": progress.total, "loss": None, "unit": "images",
                    "samples_per_s": round(rate, 3), "step_seconds": round(1 / rate, 4) if rate > 0 else None,
                    "failures": dict(progress.failures)})

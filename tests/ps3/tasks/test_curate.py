@@ -161,7 +161,9 @@ def test_progress_reaches_metrics_and_the_status_log(tmp_path):
 
     metrics = Metrics("job", "curate", 0)
     log = JsonlLog(tmp_path / "metrics.jsonl")
-    report = _reporter(SimpleNamespace(metrics=metrics), log)
+    lines = []
+    logger = SimpleNamespace(info=lambda fmt, *args: lines.append(fmt % args))
+    report = _reporter(SimpleNamespace(metrics=metrics, log=logger), log)
     progress = Progress(total=10, done=3)
     progress.failures["bad_image"] += 1
     report(progress, "scene", {"a": {"status": "written", "boxes": 4}, "b": {"status": "skipped",
@@ -176,3 +178,10 @@ def test_progress_reaches_metrics_and_the_status_log(tmp_path):
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 3 and record["total"] == 10 and record["unit"] == "images"
     assert record["failures"] == {"bad_image": 1}
+    from ps3_platform.backends.kubernetes.status import parse_progress, stage_status
+
+    progress = parse_progress("\n".join(["step 3/9 loss 1.0 lr 0.1 2.0 samples/s", *lines]))
+    assert progress["unit"] == "images" and (progress["step"], progress["total_steps"]) == (3, 10)
+    running = {"status": {"conditions": [{"type": "Running", "status": "True"}]}}
+    status = stage_status("curate", running, progress=progress)
+    assert status.unit == "images" and status.eta_s is not None  # what `platformctl status` shows on a cluster

@@ -5,8 +5,9 @@ newest condition last, and flips Running to False on Succeeded/Failed/Suspended;
 `kubectl get pytorchjob` STATE column reads the last entry the same way).
 
 Progress (step/total, loss, samples/s) is not in any Kubernetes object; rank 0 logs
-`step N/T loss L lr X S samples/s` every `monitoring.logEverySteps` steps, so a running
-stage's progress is the last such line in the tail of its rank-0 pod log.
+`step N/T loss L lr X S samples/s` every `monitoring.logEverySteps` steps (a data stage such
+as curate logs `N/T images R images/s`), so a running stage's progress is the last such
+line in the tail of its rank-0 pod log.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ PYTORCHJOB_PHASES = ("Created", "Running", "Restarting", "Succeeded", "Failed", 
 WORKFLOW_PHASES = {"": "Pending", "Pending": "Pending", "Running": "Running", "Succeeded": "Succeeded",
                    "Failed": "Failed", "Error": "Failed"}
 _PROGRESS = re.compile(r"step (\d+)/(\d+) loss (\S+) lr \S+ ([0-9.]+) samples/s")
+_IMAGES = re.compile(r"(\d+)/(\d+) images ([0-9.]+) images/s")
 
 
 def parse_time(stamp: str | None) -> float | None:
@@ -54,16 +56,26 @@ def active_workers(obj: dict | None) -> int | None:
 
 
 def parse_progress(text: str) -> dict | None:
-    """The newest progress line in a log tail: step, total, loss, samples/s."""
-    matches = _PROGRESS.findall(text)
-    if not matches:
+    """The newest progress line in a log tail: step, total, loss, samples/s (or images done,
+    planned and images/s for a data stage, with unit "images")."""
+    steps, images = list(_PROGRESS.finditer(text)), list(_IMAGES.finditer(text))
+    last_step, last_images = (steps[-1] if steps else None), (images[-1] if images else None)
+    if last_images is not None and (last_step is None or last_images.start() > last_step.start()):
+        done, total, rate = last_images.groups()
+        return {"step": int(done), "total_steps": int(total), "loss": None, "samples_per_s": float(rate),
+                "unit": "images"}
+    if last_step is None:
         return None
-    step, total, loss, rate = matches[-1]
+    step, total, loss, rate = last_step.groups()
     return {"step": int(step), "total_steps": int(total), "loss": float(loss), "samples_per_s": float(rate)}
 
 
 def eta_seconds(progress: dict, global_batch: int | None) -> float | None:
-    if not global_batch or not progress.get("samples_per_s"):
+    if not progress.get("samples_per_s"):
+        return None
+    if progress.get("unit") == "images":  # one image per unit of progress
+        return max(0.0, (progress["total_steps"] - progress["step"]) / progress["samples_per_s"])
+    if not global_batch:
         return None
     steps_per_s = progress["samples_per_s"] / global_batch
     return max(0.0, (progress["total_steps"] - progress["step"]) / steps_per_s)
@@ -78,6 +90,7 @@ def stage_status(name: str, obj: dict | None, *, total_steps: int | None = None,
         status.total_steps = progress["total_steps"]
         status.loss = progress["loss"]
         status.samples_per_s = progress["samples_per_s"]
+        status.unit = progress.get("unit", "steps")
         status.eta_s = eta_seconds(progress, global_batch)
     return status
 
