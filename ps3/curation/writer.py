@@ -16,7 +16,7 @@ import logging
 
 import webdataset as wds
 
-from ps3.data.fs import filesystem, join
+from ps3.data.fs import filesystem
 from ps3.data.index import build_index
 from ps3.data.shards import scan_tar, write_sidecar
 
@@ -73,9 +73,5 @@ def finish_source(uri: str, source: str, planned: set[str]) -> dict:
     if stale:
         log.warning("source %s: %d committed shards at %s are not in this run's plan (inputs changed?) and are "
                     "left out of index.json: %s", source, len(stale), uri, ", ".join(stale[:5]))
-    index = build_index(uri, source=source)
-    keep = [s for s in index["shards"] if s["name"] in committed and s["name"] in planned]
-    index.update(shards=keep, samples=sum(s["samples"] for s in keep), boxes=sum(s["boxes"] for s in keep),
-                 global_captions=sum(s["global_captions"] for s in keep))
-    fs.pipe_file(join(path, "index.json"), json.dumps(index, indent=1).encode())
-    return index
+    fs.makedirs(path, exist_ok=True)  # a source whose inputs were all skipped still gets an (empty) index
+    return build_index(uri, source=source, shards=sorted(committed & planned))

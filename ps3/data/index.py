@@ -28,8 +28,11 @@ class DataSourceError(RuntimeError):
     """A source cannot be used at all (no index, no readable shard); names the URI."""
 
 
-def build_index(uri: str, source: str | None = None) -> dict:
+def build_index(uri: str, source: str | None = None, shards: list[str] | None = None) -> dict:
     """Scan the shards under `uri` (using offset tables where valid), write index.json.
+
+    `shards` limits the index to those names (a curation run indexes only the shards it
+    committed, never a half-written one beside them); by default every `*.tar` is indexed.
 
     Returns the index: {"format", "source", "samples", "boxes", "global_captions",
     "shards": [{"name", "samples", "boxes", "global_captions", "bytes", "error"?}]}.
@@ -38,15 +41,16 @@ def build_index(uri: str, source: str | None = None) -> dict:
     fs, path = filesystem(uri)
     if not fs.isdir(path):
         raise DataSourceError(f"no source directory at {uri}")
-    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if p.endswith(".tar"))
-    shards = [_shard_summary(fs, f"{path}/{name}") | {"name": name} for name in names]
+    names = sorted(shards if shards is not None else
+                   (p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if p.endswith(".tar")))
+    summaries = [_shard_summary(fs, f"{path}/{name}") | {"name": name} for name in names]
     index = {
         "format": INDEX_FORMAT,
         "source": source or path.rsplit("/", 1)[-1],
-        "samples": sum(s["samples"] for s in shards),
-        "boxes": sum(s["boxes"] for s in shards),
-        "global_captions": sum(s["global_captions"] for s in shards),
-        "shards": shards,
+        "samples": sum(s["samples"] for s in summaries),
+        "boxes": sum(s["boxes"] for s in summaries),
+        "global_captions": sum(s["global_captions"] for s in summaries),
+        "shards": summaries,
     }
     fs.pipe_file(f"{path}/{INDEX_NAME}", json.dumps(index, indent=1).encode())
     return index
