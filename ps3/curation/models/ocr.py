@@ -7,7 +7,9 @@ system package, so its absence is reported once, by name, instead of as a subpro
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +21,23 @@ from ps3.curation.types import Box, CaptionError, CaptionRequest
 # Tesseract's OpenMP threads oversubscribe the CPUs as soon as several pages run at once
 # (Ray actors): 5x slower on 2 cores here, worse on more (tesseract-ocr/tesseract#3109).
 # Parallelism comes from running pages side by side, so each process gets one thread.
-# pytesseract passes os.environ to the subprocess and takes no env of its own.
+# pytesseract passes os.environ to the subprocess and takes no env of its own, so the limit is
+# set around each call only: left in os.environ it would reach every process started later
+# (torch's OpenMP workers under it livelock in gloo collectives).
 _THREADS_ENV = "OMP_THREAD_LIMIT"
+_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_thread():
+    with _ENV_LOCK:
+        before = os.environ.get(_THREADS_ENV)
+        os.environ.setdefault(_THREADS_ENV, "1")
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(_THREADS_ENV, None)
 
 
 class TesseractUnavailable(RuntimeError):
@@ -95,13 +112,13 @@ def ocr_words(image: Image.Image, lang: str = "eng", psm: int = 3, timeout_s: fl
     6 (one uniform block). `scale` > 1 upsamples first (small text, see `TesseractOcr`).
     Layout rows (conf -1) and empty words are dropped.
     """
-    os.environ.setdefault(_THREADS_ENV, "1")
     image = image.convert("RGB")
     if scale != 1:
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
     try:
-        data = pytesseract.image_to_data(image, lang=lang, config=f"--psm {psm}",
-                                         output_type=pytesseract.Output.DICT, timeout=timeout_s)
+        with _one_thread():
+            data = pytesseract.image_to_data(image, lang=lang, config=f"--psm {psm}",
+                                             output_type=pytesseract.Output.DICT, timeout=timeout_s)
     except pytesseract.TesseractNotFoundError:
         check_tesseract(lang)  # raises the one-line message
         raise

@@ -3,6 +3,7 @@ missing install says which Debian package to add."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytesseract
@@ -95,3 +96,10 @@ def test_captioner_refuses_global_and_empty_regions(page):
         captioner.caption([CaptionRequest(image, None)])
     with pytest.raises(CaptionError, match="no text"):
         captioner.caption([CaptionRequest(image, (500, 150, 630, 195))])
+
+
+def test_ocr_leaves_the_environment_as_it_found_it(monkeypatch):
+    """The one-thread limit is for Tesseract only: left behind, later torch workers livelock."""
+    monkeypatch.delenv("OMP_THREAD_LIMIT", raising=False)
+    ocr_words(Image.new("RGB", (200, 60), "white"))
+    assert "OMP_THREAD_LIMIT" not in os.environ
