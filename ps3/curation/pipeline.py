@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
@@ -194,8 +195,9 @@ def summarise(config: CurationConfig, outcomes: dict, listing_failures: list) ->
         summary["sources"][source.name] = {
             "kind": source.kind, "inputs": len(done), "images": images, "boxes": len(widths),
             "boxes_per_image": round(len(widths) / images, 2) if images else 0.0,
-            "mean_box_w": round(sum(widths) / len(widths), 1) if widths else 0.0,
-            "mean_box_h": round(sum(heights) / len(heights), 1) if heights else 0.0,
+            # fsum: exact whatever the order, so a resumed run's summary equals a clean run's
+            "mean_box_w": round(math.fsum(widths) / len(widths), 1) if widths else 0.0,
+            "mean_box_h": round(math.fsum(heights) / len(heights), 1) if heights else 0.0,
             "captions_per_image": round(sum(o["captions"] for o in written) / images, 2) if images else 0.0,
             "skipped": dict(reasons), "captions_dropped": dropped, "uri": source_uri(config, source.name),
         }
