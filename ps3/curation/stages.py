@@ -121,17 +121,22 @@ def decode_rgb(row: dict) -> Image.Image:
 # ---- masks -> boxes ------------------------------------------------------------------------
 
 def pack_masks(masks: Masks) -> tuple[bytes, dict]:
-    """Masks as zlib-compressed bits (a few hundred KB for ~100 masks at 1024 px)."""
+    """Masks as zlib-compressed bits (a few hundred KB for ~100 masks at 1024 px); their
+    bounds, when the segmenter gave them, ride along in the metadata."""
     bits = np.packbits(masks.masks.astype(bool), axis=None)
-    return zlib.compress(bits.tobytes(), 1), {"mask_shape": list(masks.masks.shape),
-                                               "image_size": list(masks.image_size)}
+    info = {"mask_shape": list(masks.masks.shape), "image_size": list(masks.image_size)}
+    if masks.bounds is not None:
+        info["mask_bounds"] = np.asarray(masks.bounds).astype(int).tolist()
+    return zlib.compress(bits.tobytes(), 1), info
 
 
 def unpack_masks(data: bytes, meta: dict) -> Masks:
     shape = tuple(meta["mask_shape"])
     count = int(np.prod(shape))
     bits = np.unpackbits(np.frombuffer(zlib.decompress(data), np.uint8), count=count).astype(bool)
-    return Masks(bits.reshape(shape), tuple(meta["image_size"]))
+    bounds = meta.get("mask_bounds")
+    return Masks(bits.reshape(shape), tuple(meta["image_size"]),
+                 None if bounds is None else np.asarray(bounds, dtype=np.int64).reshape(-1, 4))
 
 
 def segment(row: dict, generator) -> dict:
@@ -164,7 +169,7 @@ def select_boxes(row: dict, config: CurationConfig) -> dict:
     if len(boxes) == 0:
         return failed(row, "no_boxes", f"{meta['mask_count']} masks but no box with a positive score")
     row = update(row, boxes=[[round(float(v), 1) for v in b] for b in boxes],
-                 scores=[round(float(s), 4) for s in scores])
+                 scores=[round(float(s), 4) for s in scores], mask_bounds=None)
     return {**row, "masks": b""}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import skimage
 from PIL import Image, ImageFilter
+from scipy import ndimage
 from skimage import filters, measure
 
 from ps3.curation.types import Masks
@@ -58,8 +59,14 @@ class ClassicalSegmenter:
         small = self._working_copy(image)
         labels = measure.label(self._edges(small) == 0, connectivity=1)
         keep = self._keep(labels)
-        masks = labels[None] == keep[:, None, None]
-        return Masks(masks, (width, height))
+        masks = np.zeros((len(keep), *labels.shape), dtype=bool)
+        bounds = np.zeros((len(keep), 4), dtype=np.int32)
+        regions = ndimage.find_objects(labels)  # each label's bounding slices, one pass
+        for i, label in enumerate(keep):
+            rows, cols = regions[label - 1]
+            masks[i, rows, cols] = labels[rows, cols] == label
+            bounds[i] = cols.start, rows.start, cols.stop, rows.stop
+        return Masks(masks, (width, height), bounds)
 
     def _working_copy(self, image: np.ndarray) -> np.ndarray:
         """Downscaled, blurred float copy [h, w, C] in 0..1. Pillow, not skimage: on a 2K

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ps3.curation.models import WeightsError
 from ps3.curation.models.weights import file_digest, local_weights
-from ps3.curation.types import Masks
+from ps3.curation.types import Masks, mask_bounds
 
 #: Appendix A, table 10 (the paper's arguments for mask generation).
 TABLE_10: dict[str, Any] = {
@@ -105,7 +105,7 @@ class SamMaskGenerator:
         masks = np.zeros((len(records), size[1], size[0]), dtype=bool)
         for i, record in enumerate(records):
             masks[i] = shrink_mask(_decode_rle(record["segmentation"]), size)
-        return Masks(masks=masks, image_size=(width, height))
+        return Masks(masks=masks, image_size=(width, height), bounds=mask_bounds(masks))
 
     def _seen(self, image: np.ndarray) -> np.ndarray:
         """`image` shrunk to what SAM can see of it, so its full-size mask upsampling stays bounded.

@@ -18,7 +18,7 @@ from ps3.curation.boxes import (
     saliency_scores_loop,
     select_boxes,
 )
-from ps3.curation.types import Masks
+from ps3.curation.types import Masks, mask_bounds
 
 
 def _areas(boxes: np.ndarray) -> np.ndarray:
@@ -155,3 +155,28 @@ def test_centres_inside():
     targets = np.array([[8, 8, 12, 12], [9, 9, 13, 13], [-2, 0, 2, 2]])  # centres (10,10), (11,11), (0,1)
     assert centres_inside(boxes, targets).tolist() == [True, False, True]
     assert centres_inside(np.zeros((0, 4)), targets).tolist() == [False] * 3
+
+
+def test_mask_bounds_give_the_same_scores_as_whole_masks():
+    whole = _random_masks(25, (97, 61), (1000, 750), seed=3)
+    bounds = mask_bounds(whole.masks)
+    assert bounds[-1].tolist() == [0, 0, 0, 0]  # the empty mask
+    for m, (x0, y0, x1, y1) in zip(whole.masks[:-1], bounds[:-1]):
+        ys, xs = np.nonzero(m)
+        assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    bounded = Masks(whole.masks, whole.image_size, bounds)
+    boxes = candidate_boxes(1000, 750)
+    loop = saliency_scores_loop(whole, boxes)
+    atol = 1e-7 * loop.max()  # float32 density: boxes with no mask in them score ~0, not 0
+    np.testing.assert_allclose(saliency_scores(bounded, boxes), saliency_scores(whole, boxes), rtol=1e-6, atol=atol)
+    np.testing.assert_allclose(saliency_scores(bounded, boxes), loop, rtol=1e-5, atol=atol)
+
+
+def test_bounds_of_the_wrong_shape_are_refused():
+    with pytest.raises(ValueError, match="bounds"):
+        Masks(np.zeros((2, 4, 4), dtype=bool), (8, 8), np.zeros((3, 4), dtype=np.int32))
+
+
+def test_rounding_residue_of_an_empty_box_is_not_a_score():
+    boxes = np.array([[0, 0, 10, 10], [20, 0, 30, 10]], dtype=np.float32)
+    assert select_boxes(boxes, np.array([5.0, 3e-12]), k=4).tolist() == [0]

@@ -12,6 +12,7 @@ from PIL import Image
 from ps3.curation.boxes import centres_inside, salient_boxes
 from ps3.curation.models import MaskGenerator
 from ps3.curation.models.classical import ClassicalSegmenter
+from ps3.curation.types import mask_bounds
 from ps3.data.synth import SynthConfig, sample
 
 
@@ -32,6 +33,7 @@ def test_masks_come_at_the_working_resolution_with_the_original_size():
     assert masks.count == 1  # the patch; the background is dropped as too large
     ys, xs = np.nonzero(masks.masks[0])
     assert 33 <= ys.min() and ys.max() <= 54 and 100 <= xs.min() and xs.max() <= 127  # inside the patch / 3
+    np.testing.assert_array_equal(masks.bounds, mask_bounds(masks.masks))  # where each mask lies
     small = ClassicalSegmenter(work_side=1024).generate(image)  # never upscaled
     assert small.masks.shape[1:] == (600, 900)
 

@@ -11,6 +11,7 @@ import torch
 
 from ps3.curation.models import MaskGenerator, WeightsError
 from ps3.curation.models.sam import TABLE_10, SamMaskGenerator, _tiny_sam, shrink_mask, working_size
+from ps3.curation.types import mask_bounds
 
 #: Thresholds a random model can pass; it predicts noise with low confidence.
 LOOSE = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0)
@@ -47,6 +48,7 @@ def test_generate_returns_masks_at_the_working_size_in_point_batches(image):
     assert masks.image_size == (160, 96)
     assert masks.masks.dtype == np.bool_ and masks.masks.shape[1:] == (48, 80)
     assert masks.count >= 1 and masks.masks.reshape(masks.count, -1).any(axis=1).all()
+    np.testing.assert_array_equal(masks.bounds, mask_bounds(masks.masks))
     assert generator.provenance["weights"] == "random:seed=0" and generator.provenance["points_per_batch"] == 6
 
 
