@@ -19,6 +19,7 @@ from ps3.curation.pipeline import Progress, curate, plan_inputs
 from ps3.data.fs import filesystem, join
 from ps3_platform.runtime.metrics import JsonlLog
 from ps3_platform.runtime.task import RunContext, TaskSetupError, TaskState
+from ps3_platform.spec.models import CURATION_RECORD
 
 
 DONE_FLAG = "_curation/driver-done"
@@ -117,7 +118,8 @@ def build(ctx: RunContext) -> TaskState:
         write_outcome("ok")
         log.write({"event": "completed", "step": sum(s["inputs"] for s in summary["sources"].values())})
         log.close()
-        (ctx.run_dir / "curation.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        (ctx.run_dir / CURATION_RECORD).write_text(json.dumps(summary, indent=2, sort_keys=True))
+        _record(ctx, summary)
         ctx.log.info("curation summary: %s", json.dumps(summary, sort_keys=True))
         return summary
 
@@ -140,3 +142,16 @@ def build(ctx: RunContext) -> TaskState:
             raise SystemExit(1) from None
 
     return TaskState(run=run)
+
+
+def _record(ctx: RunContext, summary: dict) -> None:
+    """The summary beside the stage's checkpoints, where `platformctl status` on a cluster
+    reads it (the run directory is the pod's own). A store that refuses it costs only that."""
+    import fsspec
+
+    uri = f"{ctx.record_uri}/{CURATION_RECORD}"
+    try:
+        with fsspec.open(uri, "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+    except (OSError, ValueError) as exc:
+        ctx.log.warning("could not write the curation summary to %s: %s", uri, exc)

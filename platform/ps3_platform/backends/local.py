@@ -25,6 +25,7 @@ from typing import Iterator
 import yaml
 
 from ps3_platform.spec import JobSpec, resolved, stages_of
+from ps3_platform.spec.models import CURATION_RECORD
 
 from .base import TERMINAL_PHASES, Backend, BackendError, JobNotFoundError, JobStatus, StageStatus, SubmitResult
 
@@ -163,7 +164,7 @@ class LocalBackend(Backend):
             eval_file = run_dir / stage.name / "eval.json"
             if eval_file.exists():
                 evaluation.update(json.loads(eval_file.read_text()))
-            curation_file = run_dir / stage.name / "curation.json"
+            curation_file = run_dir / stage.name / CURATION_RECORD
             if curation_file.exists():
                 curation[stage.name] = json.loads(curation_file.read_text())
         return JobStatus(name=name, kind=state["kind"], backend="local", phase=phase, stages=stages,

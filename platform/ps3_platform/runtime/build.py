@@ -59,6 +59,7 @@ def _context(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, metr
         build_optimizer=lambda params: build_optimizer(params, train),
         build_scheduler=lambda optimizer: build_scheduler(optimizer, train),
         load_weights=lambda model, url: load_weights(model, url, world, metrics),
+        record_uri=f"{checkpoint_uri(stage, run_dir).rstrip('/')}/{job.metadata.name}/{stage.name}",
     )
 
 

@@ -65,6 +65,9 @@ class RunContext:
     load_weights: Callable[[nn.Module, str], int]
     """Load a model's weights from another stage's committed checkpoint (URL of its stage
     directory, or of one step-N directory); returns the step loaded."""
+    record_uri: str = ""
+    """URL of this stage's directory beside its checkpoints (`{checkpoint.uri}/{job}/{stage}`):
+    records written there (a curation summary) are what `status` reads on any backend."""
 
     @property
     def params(self) -> dict:

@@ -26,6 +26,9 @@ API_VERSION = "ps3.platform/v1"
 KNOWN_TASKS = ("noop", "sleep", "synth_data", "curate", "ps3_pretrain", "ps3_eval")
 #: Tasks whose workers form a Ray cluster: their pods name the Ray ports (`ps3_platform.ports`).
 RAY_TASKS = ("curate",)
+#: A curate stage's summary, written beside its checkpoints (`{checkpoint.uri}/{job}/{stage}/`)
+#: and in its run directory; `platformctl status` shows it on either backend.
+CURATION_RECORD = "curation.json"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _URI = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")

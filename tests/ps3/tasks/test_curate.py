@@ -63,6 +63,9 @@ def test_curate_quickstart_on_two_ray_nodes_then_pretrain(platform_home, capsys)
     logs = "".join(p.read_text() for p in (run / "logs" / "curate").rglob("stderr.log"))
     assert "joined the Ray cluster" in logs and "Ray head at" in logs
     assert list((run / "checkpoints" / "curate-quickstart" / "pretrain").glob("step-*/manifest.json"))
+    # the summary also lies beside the stage's checkpoints, where status on a cluster reads it
+    beside = run / "checkpoints" / "curate-quickstart" / "curate" / "curation.json"
+    assert json.loads(beside.read_text()) == summary
 
 
 def embedded_ray(tmp_path: Path):

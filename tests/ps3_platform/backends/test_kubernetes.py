@@ -654,3 +654,32 @@ def test_without_job_network_policies_only_the_configmap_is_created(server, back
     backend.submit(job, objects)
     backend.cancel("exp")
     assert not [c for c in calls(server) if "networkpolicies" in c[1]]
+
+
+CURATE = """
+apiVersion: ps3.platform/v1
+kind: TrainingJob
+metadata: {name: cur}
+spec:
+  task: curate
+  resources: {pool: cpu}
+  checkpoint: {uri: "CKPT"}
+  params:
+    output: file:///data/curated
+    sources: [{name: web, kind: natural, uri: "file:///raw/*.jpg"}]
+"""
+
+
+def test_status_shows_the_summary_a_finished_curate_stage_left_beside_its_checkpoints(server, backend, tmp_path):
+    spec = CURATE.replace("CKPT", f"file://{tmp_path}/ckpt")
+    backend.submit(*compiled(spec))
+    server.set_status(kd.KUBEFLOW, NS, "pytorchjobs", "cur-train", kd.pytorchjob_status("cur-train", "Running"))
+    record = tmp_path / "ckpt" / "cur" / "train" / "curation.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"sources": {"web": {"inputs": 3, "images": 2}}, "failures": {"no_masks": 1}}))
+    assert backend.status("cur").curation == {}  # still running: progress, not a summary
+    server.set_status(kd.KUBEFLOW, NS, "pytorchjobs", "cur-train", kd.pytorchjob_status("cur-train", "Succeeded"))
+    status = backend.status("cur")
+    assert status.curation == {"train": {"sources": {"web": {"inputs": 3, "images": 2}}, "failures": {"no_masks": 1}}}
+    record.unlink()  # a store this machine cannot read: no summary, no error
+    assert backend.status("cur").curation == {}

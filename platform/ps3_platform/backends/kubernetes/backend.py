@@ -41,6 +41,7 @@ from ps3_platform.spec import (
     parse_pools,
     stages_of,
 )
+from ps3_platform.spec.models import CURATION_RECORD
 
 from ..base import Backend, BackendError, JobNotFoundError, JobStatus, StageStatus, SubmitResult
 from . import status as st
@@ -209,7 +210,8 @@ class KubernetesBackend(Backend):
             finished_at = ((main or {}).get("status") or {}).get("completionTime")
         conditions = ((main or {}).get("status") or {}).get("conditions") or []
         uri = stages_of(spec)[0].checkpoint.uri if spec else None
-        return JobStatus(name=name, kind=kind, backend=self.name, phase=phase, stages=stages,
+        curation = self._curation(name, spec, stages) if progress else {}
+        return JobStatus(name=name, kind=kind, backend=self.name, phase=phase, stages=stages, curation=curation,
                          conditions=[dict(c) for c in conditions],
                          checkpoints=f"{uri.rstrip('/')}/{name}" if uri else None,
                          created=st.parse_time(((main or cm or {}).get("metadata") or {}).get("creationTimestamp")),
@@ -226,6 +228,19 @@ class KubernetesBackend(Backend):
                 stage_name, obj, progress=self._progress(obj) if progress and running else None,
                 total_steps=stage_spec.train.total_steps if stage_spec else None,
                 global_batch=stage_spec.train.global_batch if stage_spec else None))
+        return out
+
+    @staticmethod
+    def _curation(name: str, spec: JobSpec | None, stages: list[StageStatus]) -> dict:
+        """Summaries of finished curate stages, read from beside their checkpoints (the pods'
+        own run directories are gone); a store this machine cannot read just leaves them out."""
+        done = {s.name for s in stages if s.phase == "Succeeded"}
+        out = {}
+        for stage in stages_of(spec) if spec else []:
+            if stage.task == "curate" and stage.name in done and stage.checkpoint.uri:
+                record = st.read_record(f"{stage.checkpoint.uri.rstrip('/')}/{name}/{stage.name}/{CURATION_RECORD}")
+                if record is not None:
+                    out[stage.name] = record
         return out
 
     def _progress(self, obj: dict | None) -> dict | None:

@@ -12,12 +12,16 @@ line in the tail of its rank-0 pod log.
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from datetime import datetime
 
 from ps3_platform.compile.labels import STAGE_LABEL
 
 from ..base import StageStatus
+
+log = logging.getLogger(__name__)
 
 PYTORCHJOB_PHASES = ("Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
 #: Argo Workflow phases -> ours ("Error" is an Argo-side failure, e.g. the executor died).
@@ -129,3 +133,17 @@ def ranked_pods(pods: list[dict]) -> list[tuple[int, dict]]:
     types = {p["metadata"].get("labels", {}).get("training.kubeflow.org/replica-type") for p in pods}
     has_master = "master" in types
     return sorted(((pod_rank(p, has_master), p) for p in pods), key=lambda rp: rp[0])
+
+
+def read_record(uri: str) -> dict | None:
+    """A JSON record a stage wrote to its checkpoint store, or None when it cannot be read
+    from here (no credentials, not written yet): status must not fail on a nicety."""
+    import fsspec
+
+    try:
+        with fsspec.open(uri, "r") as f:
+            record = json.load(f)
+    except Exception as exc:  # noqa: BLE001 - any store error (botocore, OSError, JSON) means "not available"
+        log.debug("no record at %s: %s", uri, exc)
+        return None
+    return record if isinstance(record, dict) else None
