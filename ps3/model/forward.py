@@ -23,7 +23,8 @@ from ps3.model.selection import (
 from ps3.model.trunk import gather_patches
 from ps3.model.vision import LowRes, PS3VisionEncoder, resize_square
 
-__all__ = ["PretrainVisionOutput", "PS3ImageOutput", "vision_pretrain_forward", "encode_image_multilook", "count_looks"]
+__all__ = ["PretrainVisionOutput", "PS3ImageOutput", "vision_pretrain_forward", "encode_image_multilook", "count_looks",
+           "run_looks"]
 
 
 @dataclass
@@ -171,7 +172,7 @@ def _check_budgets(enc: PS3VisionEncoder, budgets: tuple[int, ...] | None) -> tu
     return budgets
 
 
-def _run_looks(enc: PS3VisionEncoder, low: LowRes, probs: list[torch.Tensor], highres: list[torch.Tensor],
+def run_looks(enc: PS3VisionEncoder, low: LowRes, probs: list[torch.Tensor], highres: list[torch.Tensor],
                looks: list[int | None], budgets: tuple[int, ...]) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
     """Each look takes new cells (never re-encoding earlier ones) against the same low-res K/V."""
     p = enc.preset
@@ -214,7 +215,7 @@ def encode_image_multilook(enc: PS3VisionEncoder, pixel_values: torch.Tensor, *,
     looks = count_looks(enc, num_look_close, num_token_look_close, sum(budgets))
     if not looks:
         return PS3ImageOutput(low.pooled, low.pooled, low.tokens, [], probs, [])
-    idx_parts, tok_parts = _run_looks(enc, low, probs, highres, looks, budgets)
+    idx_parts, tok_parts = run_looks(enc, low, probs, highres, looks, budgets)
     toks, maps, sel = zip(*(_merge_looks(i, t, g) for i, t, g in zip(idx_parts, tok_parts, p.grids[1:])))
     hr = torch.cat(toks, dim=1)
     pooled = enc.trunk.pool(hr) if hr.shape[1] else low.pooled

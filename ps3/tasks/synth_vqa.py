@@ -1,0 +1,81 @@
+"""`synth_vqa`: the VILA-HD quickstart's data, questions that only high resolution answers.
+
+Writes `{output}/train/qa`, `{output}/train/grounding`, `{output}/eval/qa` (conversation
+shards with their indexes, eval from its own random stream) and `{output}/texts.txt`, the
+text a tiny tokenizer is trained on, with `ps3.vila_hd.synth`. Rank 0 writes; other ranks
+have nothing to do. A finished run leaves `{output}/_synth_vqa.json` naming its params, so
+a restarted or repeated stage with the same params returns at once instead of redrawing
+every 4K scene (about 0.3 s each on one core).
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import Field, field_validator
+
+from ps3.data.fs import filesystem
+from ps3.data.synth import SynthConfig
+from ps3.vila_hd.synth import generate_vqa
+from ps3_platform.runtime.task import RunContext, TaskState
+
+from .common import TaskParams, parse_params
+
+DONE_NAME = "_synth_vqa.json"
+
+
+class SynthVqaParams(TaskParams):
+    output: str = Field(description="URI to write under (train/qa, train/grounding, eval/qa, texts.txt).")
+    train_samples: int = Field(1000, ge=1, description="Training shape questions.")
+    eval_samples: int = Field(200, ge=0, description="Held-out shape questions (0: no eval source).")
+    grounding_samples: int = Field(500, ge=0, description="Grounding samples (selection loss only; 0: none).")
+    seed: int = Field(0, description="Seed of every stream; eval's stream differs from training's for any seed.")
+    scene_size: tuple[int, int] = Field((2048, 4096), description="Range of a scene's long side in pixels; "
+                                                                  "below about 1K, 256 px shows the whole scene.")
+    samples_per_shard: int = Field(100, ge=1, description="Samples per tar shard.")
+
+    @field_validator("scene_size")
+    @classmethod
+    def _ordered_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        """A sign spans ~4.5% of the long side: under 256 px it is a few pixels at any scale."""
+        low, high = value
+        if not 256 <= low <= high:
+            raise ValueError(f"must be [low, high] with 256 <= low <= high, got {list(value)}")
+        return value
+
+
+def _done(output: str, params: SynthVqaParams) -> dict | None:
+    """The counts of an earlier finished run with the same params, else None."""
+    fs, path = filesystem(output)
+    try:
+        record = json.loads(fs.cat_file(f"{path}/{DONE_NAME}"))
+    except (FileNotFoundError, ValueError):
+        return None
+    return record["counts"] if record.get("params") == params.model_dump(mode="json") else None
+
+
+def build(ctx: RunContext) -> TaskState:
+    params: SynthVqaParams = parse_params(SynthVqaParams, ctx)
+    out = params.output.rstrip("/")
+
+    def run() -> dict:
+        if ctx.rank != 0:
+            return {}
+        finished = _done(out, params)
+        if finished is not None:
+            ctx.log.info("synthetic VQA already written under %s with these params: %s", out, finished)
+            return finished
+        fs, path = filesystem(out)
+        if fs.exists(f"{path}/{DONE_NAME}"):  # another run's: it must not vouch for half-rewritten sources
+            fs.rm(f"{path}/{DONE_NAME}")
+        counts = generate_vqa(out, train=params.train_samples, eval=params.eval_samples,
+                              grounding=params.grounding_samples, seed=params.seed,
+                              cfg=SynthConfig(scene_size=params.scene_size),
+                              samples_per_shard=params.samples_per_shard)
+        # written last: its presence means every source is complete
+        fs.pipe_file(f"{path}/{DONE_NAME}",
+                     json.dumps({"params": params.model_dump(mode="json"), "counts": counts}).encode())
+        ctx.log.info("wrote synthetic VQA sources %s and %s/texts.txt", counts, out)
+        return counts
+
+    return TaskState(run=run)
