@@ -11,6 +11,8 @@ TASKS: dict[str, str] = {
     "curate": "ps3.tasks.curate:build",
     "ps3_pretrain": "ps3.tasks.pretrain:build",
     "ps3_eval": "ps3.tasks.evaluate:build",
+    "synth_vqa": "ps3.tasks.synth_vqa:build",
+    "vila_hd": "ps3.tasks.vila_hd:build",
 }
 
 #: Checks of a task's params that `platformctl validate` and `submit` run before anything starts,

@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 from ps3.data.fs import filesystem
 from ps3.data.synth import SynthConfig
 from ps3.vila_hd.synth import generate_vqa
-from ps3_platform.runtime.task import RunContext, TaskState
+from ps3_platform.runtime.task import RunContext, TaskSetupError, TaskState
 
 from .common import TaskParams, parse_params
 
@@ -33,6 +33,8 @@ class SynthVqaParams(TaskParams):
     scene_size: tuple[int, int] = Field((2048, 4096), description="Range of a scene's long side in pixels; "
                                                                   "below about 1K, 256 px shows the whole scene.")
     samples_per_shard: int = Field(100, ge=1, description="Samples per tar shard.")
+    tiny_llm: bool = Field(False, description="Also write {output}/llm: a random tiny Qwen2 whose tokenizer "
+                                              "is trained on texts.txt (the quickstart's LLM; file:// only).")
 
     @field_validator("scene_size")
     @classmethod
@@ -72,10 +74,25 @@ def build(ctx: RunContext) -> TaskState:
                               grounding=params.grounding_samples, seed=params.seed,
                               cfg=SynthConfig(scene_size=params.scene_size),
                               samples_per_shard=params.samples_per_shard)
+        ctx.log.info("wrote synthetic VQA sources %s and %s/texts.txt", counts, out)
+        if params.tiny_llm:
+            _write_tiny_llm(out, params.seed)
         # written last: its presence means every source is complete
         fs.pipe_file(f"{path}/{DONE_NAME}",
                      json.dumps({"params": params.model_dump(mode="json"), "counts": counts}).encode())
-        ctx.log.info("wrote synthetic VQA sources %s and %s/texts.txt", counts, out)
         return counts
 
     return TaskState(run=run)
+
+
+def _write_tiny_llm(output: str, seed: int) -> None:
+    """A tiny random Qwen2 + a tokenizer that covers every text of the data, in {output}/llm."""
+    from ps3.vila_hd.llm import build_tiny_llm
+    from ps3.vila_hd.synth import TEXTS_NAME
+
+    fs, path = filesystem(output)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" not in protocols:
+        raise TaskSetupError(f"spec params.tinyLlm needs a file:// output, got {output}")
+    texts = fs.cat_file(f"{path}/{TEXTS_NAME}").decode().splitlines()
+    build_tiny_llm(f"{path}/llm", texts, seed=seed)

@@ -1,0 +1,170 @@
+"""`vila_hd`: one VILA-HD training stage (align, pretrain, selection or SFT) on the runtime.
+
+Stages differ only in their spec: what is trainable, the losses' weights, the data, and
+where they start from. The first stage takes PS3 from a `ps3_pretrain` stage's checkpoint
+(`params.visionFrom`) or a released/exported PS3 directory (`model.initFrom`); every later
+stage takes the whole model from the previous stage's committed checkpoint
+(`checkpoint.initFrom`). The LLM's architecture and tokenizer always come from
+`params.llm` (its weights too, in the first stage).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from ps3.model import PS3Model
+from ps3.vila_hd.conversations import build_conversation_loader
+from ps3.vila_hd.llm import LLMError, load_llm
+from ps3.vila_hd.losses import selection_loss, selection_recall
+from ps3.vila_hd.model import Selection, VilaHD
+from ps3_platform.runtime.task import RunContext, StepResult, TaskSetupError, TaskState
+
+from .common import TaskParams, init_weights, parse_params, preset_for, to_device, unwrap
+
+#: What a stage can train, by name (`params.trainable`).
+MODULES = ("projector", "embeddings", "prompt_head", "selection", "vision", "llm")
+#: PS3's selection modules (the released `token_selection_param_names`; the prior prompt is not one).
+SELECTION_MODULES = ("selection_feature_proj", "highres_selection_feature_module", "prompt_proj_for_highres")
+
+
+class VilaHDParams(TaskParams):
+    llm: str = Field(description="Qwen2-family LLM directory (config, weights, tokenizer with a chat template).")
+    vision_from: str | None = Field(None, description="A ps3_pretrain stage's checkpoint URL (first stage only).")
+    trainable: list[Literal[MODULES]] = Field(  # type: ignore[valid-type]
+        description=f"What this stage trains, of {', '.join(MODULES)}; the rest is frozen.")
+    prompt_head: Literal["linear", "mlp"] = "linear"
+    look_close_mode: Literal["after_prompt", "after_image"] = "after_prompt"
+    num_look_close: int | Literal["all"] = Field(1, description="Looks of the preset's patches per image.")
+    num_token_look_close: int | None = Field(None, ge=0, description="High-res patches per image (wins over looks).")
+    select_num_each_scale: list[int] | None = Field(None, description="Per-look patches per high-res scale.")
+    smooth_selection_prob: bool = False
+    dynamic_resolution: bool = Field(False, description="4K: images under the midpoint of the top two scales skip the top one.")
+    gt_forced_selection: bool = Field(False, description="Select each image's box cells first.")
+    lm_loss_weight: float = Field(1.0, ge=0)
+    selection_loss_weight: float = Field(0.0, ge=0, description="Token-selection loss (BCE + Dice on the box map).")
+    max_text_tokens: int = Field(1024, ge=16, description="Context beyond the image tokens, which grow with the budget.")
+    eval_batches: int = Field(0, ge=0, description="Batches of data.evalSources to score after training.")
+
+    @field_validator("trainable")
+    @classmethod
+    def _some(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(f"name at least one of {', '.join(MODULES)}")
+        return value
+
+    def selection(self) -> Selection:
+        return Selection(mode=self.look_close_mode, num_look_close=self.num_look_close,
+                         num_token_look_close=self.num_token_look_close,
+                         select_num_each_scale=tuple(self.select_num_each_scale) if self.select_num_each_scale else None,
+                         smooth_selection_prob=self.smooth_selection_prob,
+                         dynamic_resolution=self.dynamic_resolution, gt_forced=self.gt_forced_selection)
+
+
+def module_parameters(model: VilaHD) -> dict[str, list[torch.nn.Parameter]]:
+    """The parameters of each trainable unit, every parameter in exactly one."""
+    proj, vision = model.mm_projector, model.vision_tower
+    selection = [p for name in SELECTION_MODULES for p in getattr(vision, name).parameters()]
+    chosen = {id(p) for p in selection}
+    return {
+        "projector": [*proj.norm.parameters(), *proj.mlp.parameters()],
+        "embeddings": [proj.high_res_pos_embed, *proj.high_res_scale_embed],
+        "prompt_head": list(proj.top_down_prompt_head.parameters()),
+        "selection": selection,
+        "vision": [p for p in vision.parameters() if id(p) not in chosen],
+        "llm": list(model.llm.parameters()),
+    }
+
+
+def freeze_except(model: VilaHD, trainable: list[str]) -> dict[str, tuple[int, bool]]:
+    """Freeze everything but the named units; returns {unit: (parameters, trainable)}."""
+    counts = {}
+    for name, params in module_parameters(model).items():
+        for p in params:
+            p.requires_grad_(name in trainable)
+        counts[name] = (sum(p.numel() for p in params), name in trainable)
+    return counts
+
+
+def _build_model(ctx: RunContext, params: VilaHDParams) -> tuple[VilaHD, object]:
+    try:
+        loaded = load_llm(params.llm)
+    except LLMError as exc:
+        raise TaskSetupError(f"spec params.llm: {exc}") from None
+    preset = preset_for(ctx)
+    ps3 = PS3Model(preset)
+    init_weights(ps3, ctx.stage.model.init_from)
+    if params.vision_from:
+        ctx.load_weights(ps3, params.vision_from)
+    newline = loaded.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    model = VilaHD(ps3.vision_model, loaded.model, image_token_id=loaded.image_token_id,
+                   newline_token_id=newline[-1], prompt_head=params.prompt_head)
+    if ctx.stage.checkpoint.init_from:  # the previous stage's whole model
+        step = ctx.load_weights(model, ctx.stage.checkpoint.init_from)
+        ctx.log.info("started from %s step %d", ctx.stage.checkpoint.init_from, step)
+    return model, loaded.tokenizer
+
+
+def build(ctx: RunContext) -> TaskState:
+    params: VilaHDParams = parse_params(VilaHDParams, ctx)
+    selection = params.selection()
+    model, tokenizer = _build_model(ctx, params)
+    enc = model.vision_tower
+    for name, (count, trained) in freeze_except(model, params.trainable).items():
+        ctx.log.info("parameters %-12s %12d %s", name, count, "trainable" if trained else "frozen")
+    image_tokens = selection.image_tokens(enc)
+    sources = ctx.stage.data.sources
+    if not sources:
+        raise TaskSetupError("spec data.sources is empty: name at least one conversation shard directory")
+
+    def loader(srcs, *, rank, world_size, global_batch, micro_batch):
+        try:
+            return build_conversation_loader(
+                [s.model_dump() for s in srcs], tokenizer=tokenizer, image_size=enc.preset.scales[-1],
+                max_length=params.max_text_tokens + image_tokens, image_tokens=image_tokens, rank=rank,
+                world_size=world_size, global_batch=global_batch, micro_batch=micro_batch,
+                seed=ctx.stage.data.seed, num_workers=ctx.stage.data.num_workers)
+        except (ValueError, OSError) as exc:
+            raise TaskSetupError(f"spec data: {exc}") from None
+
+    data = loader(sources, rank=ctx.rank, world_size=ctx.world_size, global_batch=ctx.batch.global_batch,
+                  micro_batch=ctx.batch.micro_batch)
+    model = ctx.parallelize(model)
+    inner = unwrap(model)
+    small = [p for p in [*inner.mm_projector.parameters(), *module_parameters(inner)["selection"]] if p.requires_grad]
+    optimizer = ctx.build_optimizer([p for p in model.parameters() if p.requires_grad])
+    grids = enc.preset.grids[1:]
+
+    def step(model: torch.nn.Module, batch: dict) -> StepResult:
+        batch = to_device(batch, ctx.device)
+        out = model(batch, selection)
+        sel = selection_loss(out.selection_probs, batch["boxes"], batch["has_box"], grids)
+        loss = params.lm_loss_weight * out.lm_loss + params.selection_loss_weight * sel["loss"]
+        # Parameters a micro-batch leaves unused (a scale with no whole block, the head in a
+        # bottom-up stage) still take part in backward: DDP and FSDP need every rank alike.
+        loss = loss + 0.0 * sum(p.sum() for p in small) + (out.ghost if out.ghost is not None else 0.0)
+        recall = selection_recall(out.selected, batch["boxes"], batch["has_box"], grids)
+        figures = {"lm_loss": float(out.lm_loss.detach()), "selection_loss": float(sel["loss"].detach()),
+                   "image_tokens": sum(out.image_tokens) / max(1, len(out.image_tokens))}
+        if len(recall):
+            figures["selection_recall"] = float(recall.mean())
+        return StepResult(loss=loss, metrics=figures, samples=len(batch["input_ids"]),
+                          tokens=int(out.labels.shape[0] * out.labels.shape[1]))
+
+    def evaluate() -> dict:
+        from ps3.vila_hd.evaluate import evaluate_choices
+
+        if not params.eval_batches or not ctx.stage.data.eval_sources or ctx.rank != 0:
+            return {}
+        held_out = loader(ctx.stage.data.eval_sources, rank=0, world_size=1, global_batch=ctx.batch.micro_batch,
+                          micro_batch=ctx.batch.micro_batch)
+        results = evaluate_choices(unwrap(model), held_out, params.eval_batches, selection, tokenizer, ctx.device)
+        (ctx.run_dir / "eval.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+        ctx.log.info("evaluation: %s", json.dumps(results, sort_keys=True))
+        return results
+
+    return TaskState(model=model, optimizer=optimizer, scheduler=ctx.build_scheduler(optimizer), data=data,
+                     step=step, evaluate=evaluate, bad_sample_counts=data.bad_sample_counts)

@@ -1,0 +1,84 @@
+"""The `vila_hd` stages as users run them: the quickstart Pipeline, stage after stage."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from ps3.model import PS3VisionEncoder, get_preset
+from ps3.tasks.vila_hd import MODULES, freeze_except, module_parameters
+from ps3.vila_hd.llm import build_tiny_llm, load_llm
+from ps3.vila_hd.model import VilaHD
+from ps3_platform.cli import main
+
+ROOT = Path(__file__).resolve().parents[3]
+#: The quickstart at test size: a few samples, three steps a stage, a random PS3 encoder.
+SMALL = ["spec.stages[0].params.trainSamples=40", "spec.stages[0].params.evalSamples=16",
+         "spec.stages[0].params.groundingSamples=32", "spec.stages[1].params.visionFrom=null",
+         "spec.stages[1].train.steps=3", "spec.stages[2].train.steps=3", "spec.stages[3].train.steps=3",
+         "spec.stages[1].checkpoint.intervalSteps=3", "spec.stages[2].checkpoint.intervalSteps=3",
+         "spec.stages[3].checkpoint.intervalSteps=3", "spec.stages[3].params.evalBatches=1"]
+EXPECTED_TRAINABLE = {"align": {"projector", "embeddings"}, "selection": {"prompt_head", "selection"},
+                      "sft": {"projector", "embeddings", "llm"}}
+
+
+def test_quickstart_pipeline_runs_every_stage_from_the_previous_one(platform_home, capsys):
+    args = ["submit", str(ROOT / "jobs" / "vila_hd_quickstart.yaml"), "--backend", "local", "--wait", "-q"]
+    for item in SMALL:
+        args += ["--set", item]
+    assert main(args) == 0, capsys.readouterr().out
+    capsys.readouterr()
+    assert main(["status", "vila-hd-quickstart", "-o", "json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [s["phase"] for s in status["stages"]] == ["Succeeded"] * 4
+    results = status["eval"]
+    for key in ("accuracy_highres", "accuracy_lowres", "recall_topdown", "recall_bottomup"):
+        assert 0.0 <= results[key] <= 1.0
+    assert results["accuracy_chance"] == 0.25 and results["n_questions"] == 16
+    run = platform_home / "runs" / "vila-hd-quickstart"
+    for stage, wanted in EXPECTED_TRAINABLE.items():
+        log = "".join(p.read_text() for p in (run / "logs" / stage).rglob("stderr.log"))
+        trained = set(re.findall(r"parameters (\w+) +\d+ trainable", log))
+        assert trained == wanted, stage
+        if stage != "align":
+            assert "started from file://" in log and f"/{_previous(stage)} step 3" in log
+    assert list((run / "checkpoints" / "vila-hd-quickstart" / "sft").glob("step-*/manifest.json"))
+
+
+def _previous(stage: str) -> str:
+    return {"selection": "align", "sft": "selection"}[stage]
+
+
+def test_every_parameter_is_in_exactly_one_trainable_unit(tmp_path):
+    build_tiny_llm(str(tmp_path), ["a b c"])
+    llm = load_llm(str(tmp_path))
+    model = VilaHD(PS3VisionEncoder(get_preset("ps3-tiny")), llm.model, image_token_id=llm.image_token_id,
+                   newline_token_id=0)
+    units = module_parameters(model)
+    assert set(units) == set(MODULES)
+    ids = [id(p) for params in units.values() for p in params]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    counts = freeze_except(model, ["prompt_head", "selection"])
+    assert {name for name, (_, trained) in counts.items() if trained} == {"prompt_head", "selection"}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in units["prompt_head"] + units["selection"]}
+    assert not model.vision_tower.prior_prompt.requires_grad  # bottom-up prior is not a selection module
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("spec.stages[1].params.trainable=[]", "name at least one of"),
+    ("spec.stages[1].params.trainable=[wheels]", "trainable"),
+])
+def test_bad_trainable_sets_are_refused_at_start(platform_home, capsys, bad, message):
+    args = ["submit", str(ROOT / "jobs" / "vila_hd_quickstart.yaml"), "--backend", "local", "--wait", "-q",
+            "--set", bad]
+    for item in SMALL[:4]:
+        args += ["--set", item]
+    assert main(args) != 0
+    run = platform_home / "runs" / "vila-hd-quickstart"
+    log = "".join(p.read_text() for p in (run / "logs" / "align").rglob("stderr.log"))
+    assert message in log and "Traceback" not in log
