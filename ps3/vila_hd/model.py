@@ -97,6 +97,18 @@ class VilaHD(nn.Module):
         self.image_token_id = image_token_id
         self.newline_token_id = newline_token_id
 
+    def blocks(self) -> list[nn.Module]:
+        """The units FSDP2 shards one by one: PS3's blocks and the LLM's decoder layers."""
+        return [*self.vision_tower.trunk.blocks, *self.llm.model.layers]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute PS3's blocks and the LLM's layers in backward (the spec's activation checkpointing)."""
+        self.vision_tower.set_grad_checkpointing(enable)
+        if enable:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.llm.gradient_checkpointing_disable()
+
     # ---- the two passes --------------------------------------------------------------
     def forward(self, batch: dict, selection: Selection) -> VilaHDOutput:
         images, owner, dummy = self._pixels(batch)

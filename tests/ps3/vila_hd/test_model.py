@@ -139,3 +139,17 @@ def test_selection_loss_is_a_graph_zero_without_boxes(llm):
     assert float(out["loss"]) == 0.0
     out["loss"].backward()
     assert probs[0].grad is not None
+
+
+def test_blocks_and_activation_checkpointing_cover_both_trunks(llm):
+    model = _model(llm)
+    blocks = model.blocks()
+    assert len(blocks) == len(model.vision_tower.trunk.blocks) + len(model.llm.model.layers)
+    model.train()
+    model.set_grad_checkpointing(True)
+    out = model(_batch(llm), Selection())
+    out.lm_loss.backward()
+    assert model.llm.is_gradient_checkpointing and model.vision_tower.trunk.grad_checkpointing
+    assert model.mm_projector.mlp.fc1.weight.grad is not None
+    model.set_grad_checkpointing(False)
+    assert not model.llm.is_gradient_checkpointing
