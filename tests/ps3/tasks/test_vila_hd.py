@@ -82,3 +82,58 @@ def test_bad_trainable_sets_are_refused_at_start(platform_home, capsys, bad, mes
     run = platform_home / "runs" / "vila-hd-quickstart"
     log = "".join(p.read_text() for p in (run / "logs" / "align").rglob("stderr.log"))
     assert message in log and "Traceback" not in log
+
+
+KILL_SPEC = """
+apiVersion: ps3.platform/v1
+kind: TrainingJob
+metadata: {{name: {name}}}
+spec:
+  task: vila_hd
+  resources: {{pool: cpu, procsPerNode: 2}}
+  elastic: {{minNodes: 1, maxNodes: 1, maxRestarts: 3}}
+  model: {{preset: ps3-tiny}}
+  data:
+    sources: [{{name: qa, uri: "file://{data}/train/qa"}}]
+    numWorkers: 0
+  params: {{llm: "file://{data}/llm", trainable: [projector, embeddings, llm], selectionLossWeight: 1.0}}
+  checkpoint: {{uri: "file://{ckpt}", intervalSteps: 2, keep: 2}}
+  train: {{globalBatch: 4, steps: 8, optimizer: {{lr: 1.0e-3}}, seed: 1}}
+  monitoring: {{logEverySteps: 1}}
+"""
+
+
+def test_a_stage_killed_mid_run_resumes_exactly(tmp_path, platform_home):
+    import os
+    import signal
+    import time
+
+    from ps3.vila_hd.synth import generate_vqa
+    from ps3.data.synth import SynthConfig
+    from ps3_platform.backends.local import LocalBackend
+    from ps3_platform.spec import load_text
+
+    data = tmp_path / "data"
+    generate_vqa(f"file://{data}", train=24, eval=0, grounding=0, seed=0, cfg=SynthConfig(scene_size=(512, 640)),
+                 samples_per_shard=8)
+    build_tiny_llm(str(data / "llm"), (data / "texts.txt").read_text().splitlines())
+    backend = LocalBackend()
+
+    def losses(name):
+        path = backend.run_dir(name) / "train" / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+    def job(name):
+        return load_text(KILL_SPEC.format(name=name, data=data, ckpt=tmp_path / "ckpt")).job
+
+    backend.submit(job("straight"), [])
+    assert backend.wait("straight", follow=False, poll_s=0.3) == 0
+    backend.submit(job("killed"), [])
+    deadline = time.time() + 300
+    while len(losses("killed")) < 5 and time.time() < deadline:
+        time.sleep(0.1)
+    os.kill(int((backend.run_dir("killed") / "train" / "rank-1.pid").read_text()), signal.SIGKILL)
+    assert backend.wait("killed", follow=False, poll_s=0.3) == 0
+    assert backend.status("killed").stages[0].restarts >= 1
+    assert losses("killed")[8] == losses("straight")[8]  # the same data, weights and optimizer state
