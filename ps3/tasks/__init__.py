@@ -12,6 +12,7 @@ TASKS: dict[str, str] = {
     "ps3_pretrain": "ps3.tasks.pretrain:build",
     "ps3_eval": "ps3.tasks.evaluate:build",
     "synth_vqa": "ps3.tasks.synth_vqa:build",
+    "import_llava": "ps3.tasks.import_llava:build",
     "vila_hd": "ps3.tasks.vila_hd:build",
 }
 

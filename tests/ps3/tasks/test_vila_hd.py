@@ -137,3 +137,36 @@ def test_a_stage_killed_mid_run_resumes_exactly(tmp_path, platform_home):
     assert backend.wait("killed", follow=False, poll_s=0.3) == 0
     assert backend.status("killed").stages[0].restarts >= 1
     assert losses("killed")[8] == losses("straight")[8]  # the same data, weights and optimizer state
+
+
+def test_import_llava_stage_writes_shards_and_counts_skips(platform_home, tmp_path, capsys):
+    import io
+
+    from PIL import Image
+
+    from ps3.vila_hd.conversations import iter_conversations
+
+    root = tmp_path / "images"
+    root.mkdir()
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, "JPEG")
+    (root / "a.jpg").write_bytes(buf.getvalue())
+    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    items = [{"id": "x1", "image": "a.jpg", "conversations": turns},
+             {"id": "x2", "image": "missing.jpg", "conversations": turns}]
+    (tmp_path / "llava.json").write_text(json.dumps(items))
+    spec = tmp_path / "import.yaml"
+    spec.write_text(f"""
+apiVersion: ps3.platform/v1
+kind: TrainingJob
+metadata: {{name: imp}}
+spec:
+  task: import_llava
+  resources: {{pool: cpu}}
+  params: {{jsonUri: "file://{tmp_path}/llava.json", imageRoot: "file://{root}", output: "file://{tmp_path}/shards"}}
+""")
+    assert main(["submit", str(spec), "--backend", "local", "--wait", "-q"]) == 0, capsys.readouterr().out
+    (key, meta, images), = list(iter_conversations(f"file://{tmp_path}/shards"))
+    assert meta["id"] == "x1" and len(images) == 1
+    record = json.loads((platform_home / "runs" / "imp" / "train" / "import.json").read_text())
+    assert record == {"written": 1, "skipped": {"missing_image": 1}}
