@@ -21,6 +21,7 @@ TASKS: dict[str, str] = {
 #: (path inside params, message). Tasks without one are checked when their workers start.
 PARAM_CHECKS: dict[str, str] = {
     "curate": "ps3.curation.config:check_params",
+    "vila_hd": "ps3.vila_hd.params:check_params",
 }
 
 __all__ = ["PARAM_CHECKS", "TASKS"]

@@ -11,57 +11,22 @@ stage takes the whole model from the previous stage's committed checkpoint
 from __future__ import annotations
 
 import json
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
 
 from ps3.model import PS3Model
 from ps3.vila_hd.conversations import build_conversation_loader
 from ps3.vila_hd.llm import LLMError, load_llm
 from ps3.vila_hd.losses import selection_loss, selection_recall
 from ps3.vila_hd.model import Selection, VilaHD
+from ps3.vila_hd.params import MODULES, VilaHDParams
 from ps3_platform.runtime.task import RunContext, StepResult, TaskSetupError, TaskState
 
-from .common import TaskParams, init_weights, parse_params, preset_for, to_device, unwrap
+from .common import init_weights, parse_params, preset_for, to_device, unwrap
 
-#: What a stage can train, by name (`params.trainable`).
-MODULES = ("projector", "embeddings", "prompt_head", "selection", "vision", "llm")
 #: PS3's selection modules (the released `token_selection_param_names`; the prior prompt is not one).
 SELECTION_MODULES = ("selection_feature_proj", "highres_selection_feature_module", "prompt_proj_for_highres")
-
-
-class VilaHDParams(TaskParams):
-    llm: str = Field(description="Qwen2-family LLM directory (config, weights, tokenizer with a chat template).")
-    vision_from: str | None = Field(None, description="A ps3_pretrain stage's checkpoint URL (first stage only).")
-    trainable: list[Literal[MODULES]] = Field(  # type: ignore[valid-type]
-        description=f"What this stage trains, of {', '.join(MODULES)}; the rest is frozen.")
-    prompt_head: Literal["linear", "mlp"] = "linear"
-    look_close_mode: Literal["after_prompt", "after_image"] = "after_prompt"
-    num_look_close: int | Literal["all"] = Field(1, description="Looks of the preset's patches per image.")
-    num_token_look_close: int | None = Field(None, ge=0, description="High-res patches per image (wins over looks).")
-    select_num_each_scale: list[int] | None = Field(None, description="Per-look patches per high-res scale.")
-    smooth_selection_prob: bool = False
-    dynamic_resolution: bool = Field(False, description="4K: images under the midpoint of the top two scales skip the top one.")
-    gt_forced_selection: bool = Field(False, description="Select each image's box cells first.")
-    lm_loss_weight: float = Field(1.0, ge=0)
-    selection_loss_weight: float = Field(0.0, ge=0, description="Token-selection loss (BCE + Dice on the box map).")
-    max_text_tokens: int = Field(1024, ge=16, description="Context beyond the image tokens, which grow with the budget.")
-    eval_batches: int = Field(0, ge=0, description="Batches of data.evalSources to score after training.")
-
-    @field_validator("trainable")
-    @classmethod
-    def _some(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError(f"name at least one of {', '.join(MODULES)}")
-        return value
-
-    def selection(self) -> Selection:
-        return Selection(mode=self.look_close_mode, num_look_close=self.num_look_close,
-                         num_token_look_close=self.num_token_look_close,
-                         select_num_each_scale=tuple(self.select_num_each_scale) if self.select_num_each_scale else None,
-                         smooth_selection_prob=self.smooth_selection_prob,
-                         dynamic_resolution=self.dynamic_resolution, gt_forced=self.gt_forced_selection)
+__all__ = ["MODULES", "SELECTION_MODULES", "build", "freeze_except", "module_parameters"]
 
 
 def module_parameters(model: VilaHD) -> dict[str, list[torch.nn.Parameter]]:
@@ -110,7 +75,7 @@ def _build_model(ctx: RunContext, params: VilaHDParams) -> tuple[VilaHD, object]
 
 def build(ctx: RunContext) -> TaskState:
     params: VilaHDParams = parse_params(VilaHDParams, ctx)
-    selection = params.selection()
+    selection = _selection(params)
     model, tokenizer = _build_model(ctx, params)
     enc = model.vision_tower
     for name, (count, trained) in freeze_except(model, params.trainable).items():
@@ -168,3 +133,11 @@ def build(ctx: RunContext) -> TaskState:
 
     return TaskState(model=model, optimizer=optimizer, scheduler=ctx.build_scheduler(optimizer), data=data,
                      step=step, evaluate=evaluate, bad_sample_counts=data.bad_sample_counts)
+
+
+def _selection(params: VilaHDParams) -> Selection:
+    return Selection(mode=params.look_close_mode, num_look_close=params.num_look_close,
+                     num_token_look_close=params.num_token_look_close,
+                     select_num_each_scale=tuple(params.select_num_each_scale) if params.select_num_each_scale else None,
+                     smooth_selection_prob=params.smooth_selection_prob,
+                     dynamic_resolution=params.dynamic_resolution, gt_forced=params.gt_forced_selection)
