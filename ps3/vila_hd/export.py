@@ -47,7 +47,7 @@ from .llm import IMAGE_TOKEN, LLMError, check_llm_dir, load_llm
 from .model import VilaHD
 from .projector import PROMPT_HEADS, MMProjector
 
-__all__ = ["ExportError", "export_vila_hd", "load_vila_hd", "is_vila_hd_export", "FORMAT_VERSION", "MODEL_TYPE"]
+__all__ = ["FORMAT_VERSION", "MODEL_TYPE", "ExportError", "export_vila_hd", "is_vila_hd_export", "load_vila_hd"]
 
 MODEL_TYPE = "vila_hd"
 #: Bumped when a change would make older code misread an export; loading refuses newer ones.
@@ -310,10 +310,10 @@ def _check_llm_tensors(directory: str, llm: nn.Module) -> None:
     unexpected = []
     for file in sorted(local.glob("*.safetensors")):
         with safe_open(str(file), "pt") as f:
-            unexpected += [k for k in f.keys() if k not in expected]
+            unexpected += [k for k in f.keys() if k not in expected]  # noqa: SIM118 (safe_open is no mapping)
     if unexpected:
         raise ExportError(f"{directory} does not match the model: {len(unexpected)} unexpected tensors "
-                          f"(first: {sorted(unexpected)[0]})")
+                          f"(first: {min(unexpected)})")
 
 
 def _check_projector(uri: str, config: dict[str, Any], model: VilaHD) -> None:
