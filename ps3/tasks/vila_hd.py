@@ -16,6 +16,7 @@ import torch
 
 from ps3.model import PS3Model
 from ps3.vila_hd.conversations import build_conversation_loader
+from ps3.vila_hd.export import ExportError, export_vila_hd, is_vila_hd_export, load_vila_hd
 from ps3.vila_hd.llm import LLMError, load_llm
 from ps3.vila_hd.losses import selection_loss, selection_recall
 from ps3.vila_hd.model import Selection, VilaHD
@@ -54,23 +55,51 @@ def freeze_except(model: VilaHD, trainable: list[str]) -> dict[str, tuple[int, b
     return counts
 
 
-def _build_model(ctx: RunContext, params: VilaHDParams) -> tuple[VilaHD, object]:
+def _fresh_model(ctx: RunContext, params: VilaHDParams, ps3: PS3Model | None = None) -> tuple[VilaHD, object]:
+    """The stage's architecture: PS3 of the spec's preset, the LLM of params.llm (with its weights)."""
     try:
         loaded = load_llm(params.llm)
     except LLMError as exc:
         raise TaskSetupError(f"spec params.llm: {exc}") from None
-    preset = preset_for(ctx)
-    ps3 = PS3Model(preset)
-    init_weights(ps3, ctx.stage.model.init_from)
-    if params.vision_from:
-        ctx.load_weights(ps3, params.vision_from)
+    ps3 = ps3 or PS3Model(preset_for(ctx))
     newline = loaded.tokenizer("\n", add_special_tokens=False)["input_ids"]
     model = VilaHD(ps3.vision_model, loaded.model, image_token_id=loaded.image_token_id,
                    newline_token_id=newline[-1], prompt_head=params.prompt_head)
-    if ctx.stage.checkpoint.init_from:  # the previous stage's whole model
-        step = ctx.load_weights(model, ctx.stage.checkpoint.init_from)
-        ctx.log.info("started from %s step %d", ctx.stage.checkpoint.init_from, step)
     return model, loaded.tokenizer
+
+
+def _build_model(ctx: RunContext, params: VilaHDParams) -> tuple[VilaHD, object]:
+    ps3 = PS3Model(preset_for(ctx))
+    init_weights(ps3, ctx.stage.model.init_from)
+    if params.vision_from:
+        ctx.load_weights(ps3, params.vision_from)
+    model, tokenizer = _fresh_model(ctx, params, ps3)
+    source = ctx.stage.checkpoint.init_from
+    if source and is_vila_hd_export(source):  # an exported directory (this platform's or a stage's export)
+        try:
+            exported, _ = load_vila_hd(source)
+            model.load_state_dict(exported.state_dict())
+        except (ExportError, RuntimeError) as exc:
+            raise TaskSetupError(f"spec checkpoint.initFrom: {exc}") from None
+        ctx.log.info("started from the exported model %s", source)
+    elif source:  # the previous stage's committed checkpoint
+        step = ctx.load_weights(model, source)
+        ctx.log.info("started from %s step %d", source, step)
+    return model, tokenizer
+
+
+def _export(ctx: RunContext, params: VilaHDParams, model: torch.nn.Module) -> None:
+    """The trained model as an HF-style directory (every rank takes part in gathering it,
+    FSDP-sharded or not; rank 0 writes)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ctx.rank != 0:
+        return
+    plain, tokenizer = _fresh_model(ctx, params)
+    plain.load_state_dict(state)
+    export_vila_hd(plain, tokenizer, params.export_to)
+    ctx.log.info("exported the model to %s", params.export_to)
 
 
 def build(ctx: RunContext) -> TaskState:
@@ -122,6 +151,8 @@ def build(ctx: RunContext) -> TaskState:
     def evaluate() -> dict:
         from ps3.vila_hd.evaluate import evaluate_choices
 
+        if params.export_to:
+            _export(ctx, params, model)
         if not params.eval_batches or not ctx.stage.data.eval_sources or ctx.rank != 0:
             return {}
         held_out = loader(ctx.stage.data.eval_sources, rank=0, world_size=1, global_batch=ctx.batch.micro_batch,

@@ -31,6 +31,8 @@ class VilaHDParams(BaseModel):
     selection_loss_weight: float = Field(0.0, ge=0, description="Token-selection loss (BCE + Dice on the box map).")
     max_text_tokens: int = Field(1024, ge=16, description="Context beyond the image tokens, which grow with the budget.")
     eval_batches: int = Field(0, ge=0, description="Batches of data.evalSources to score after training.")
+    export_to: str | None = Field(None, description="Write the trained model here as an HF-style directory "
+                                                    "(config.json, llm/, vision_tower/, mm_projector/).")
 
     @field_validator("trainable")
     @classmethod

@@ -47,6 +47,18 @@ def test_quickstart_pipeline_runs_every_stage_from_the_previous_one(platform_hom
         if stage != "align":
             assert "started from file://" in log and f"/{_previous(stage)} step 3" in log
     assert list((run / "checkpoints" / "vila-hd-quickstart" / "sft").glob("step-*/manifest.json"))
+    # the SFT stage exported the model; a new stage starts from that directory
+    from ps3.vila_hd.export import load_vila_hd
+
+    exported, _ = load_vila_hd(str(run / "vila-hd"))
+    follow = run.parent / "follow.yaml"
+    follow.write_text(KILL_SPEC.format(name="follow", data=run / "data", ckpt=run / "follow-ckpt")
+                      .replace("steps: 8", "steps: 1").replace("procsPerNode: 2", "procsPerNode: 1")
+                      .replace("  checkpoint: {", f"  checkpoint: {{initFrom: \"file://{run}/vila-hd\", "))
+    assert main(["submit", str(follow), "--backend", "local", "--wait", "-q"]) == 0, capsys.readouterr().out
+    log = "".join(p.read_text() for p in (platform_home / "runs" / "follow" / "logs").rglob("stderr.log"))
+    assert f"started from the exported model file://{run}/vila-hd" in log
+    assert exported.mm_projector.high_res_pos_embed.abs().sum() > 0  # trained, not the zero init
 
 
 def _previous(stage: str) -> str:
