@@ -50,7 +50,7 @@ class LoaderConfig:
 
 
 @dataclass
-class _Position:
+class Position:
     """Where the next micro-batch is: step, micro-batch index and the planner at the step."""
 
     step: int = 0
@@ -69,10 +69,10 @@ class PS3Loader:
 
     def __init__(self, sources: Sequence[DataSource | Mapping], views: ViewConfig, tokenize: Tokenize, *,
                  rank: int, world_size: int, config: LoaderConfig):
-        self.sources = [_as_source(s) for s in sources]
+        self.sources = [as_source(s) for s in sources]
         self.views, self.tokenize, self.config = views, tokenize, config
         self.rank, self.world_size = rank, world_size
-        self.accumulation = _accumulation(config.global_batch, world_size, config.micro_batch)
+        self.accumulation = accumulation_steps(config.global_batch, world_size, config.micro_batch)
         self._refs = [SourceRef.open(s.name, s.uri, i) for i, s in enumerate(self.sources)]  # fails on a dead source
         self._infos = [SourceInfo(s.name, sum(r.counts), s.weight, r.global_captions > 0)
                        for s, r in zip(self.sources, self._refs)]
@@ -80,7 +80,7 @@ class PS3Loader:
             raise SamplingError(f"global batch {config.global_batch} is larger than the {sum(i.size for i in self._infos)} "
                                 f"images in {[s.uri for s in self.sources]}: one image may appear once per batch")
         self._planner = self._new_planner()
-        self._pos = _Position(planner=self._planner.state_dict())
+        self._pos = Position(planner=self._planner.state_dict())
         self._bad: Counter = Counter()
         self._stream: Iterator | None = None
 
@@ -109,7 +109,7 @@ class PS3Loader:
         self._pos.micro += 1
         if self._pos.micro == self.accumulation:  # step done: move the planner past its plan
             self._planner.next_batch()
-            self._pos = _Position(self._pos.step + 1, 0, self._planner.state_dict())
+            self._pos = Position(self._pos.step + 1, 0, self._planner.state_dict())
 
     def _open_stream(self) -> Iterator:
         stream = _MicroBatches(self._refs, self._infos, self.views, self.config, self.rank, self.world_size,
@@ -136,7 +136,7 @@ class PS3Loader:
                              f"{state['world_size']}; it can only resume at world size {state['world_size']}")
         self._planner = self._new_planner()
         self._planner.load_state_dict(state["planner"])
-        self._pos = _Position(int(state["step"]), int(state["micro"]), self._planner.state_dict())
+        self._pos = Position(int(state["step"]), int(state["micro"]), self._planner.state_dict())
         self.close()
 
     def bad_sample_counts(self) -> dict[str, int]:
@@ -148,7 +148,7 @@ class PS3Loader:
         self._stream = None
 
 
-def _as_source(source) -> DataSource:
+def as_source(source) -> DataSource:
     """A DataSource from itself, a mapping, or any object with name/uri/weight (the spec's Source)."""
     if isinstance(source, DataSource):
         return source
@@ -157,7 +157,7 @@ def _as_source(source) -> DataSource:
     return DataSource(source.name, str(source.uri), float(getattr(source, "weight", 1.0)))
 
 
-def _accumulation(global_batch: int, world_size: int, micro_batch: int) -> int:
+def accumulation_steps(global_batch: int, world_size: int, micro_batch: int) -> int:
     if global_batch % world_size or (global_batch // world_size) % micro_batch:
         raise ValueError(f"global batch {global_batch} does not split into {world_size} ranks x "
                          f"micro-batches of {micro_batch}")
@@ -168,7 +168,7 @@ class _MicroBatches(IterableDataset):
     """This rank's micro-batches from a position on; in a worker, only every n-th of them."""
 
     def __init__(self, refs: list[SourceRef], infos: list[SourceInfo], views: ViewConfig, config: LoaderConfig,
-                 rank: int, world_size: int, start: _Position):
+                 rank: int, world_size: int, start: Position):
         super().__init__()
         self.refs, self.infos, self.views, self.config = refs, infos, views, config
         self.rank, self.world_size, self.start = rank, world_size, start

@@ -33,6 +33,8 @@ class SynthVqaParams(TaskParams):
     scene_size: tuple[int, int] = Field((2048, 4096), description="Range of a scene's long side in pixels; "
                                                                   "below about 1K, 256 px shows the whole scene.")
     samples_per_shard: int = Field(100, ge=1, description="Samples per tar shard.")
+    shuffle_options: bool = Field(True, description="Options in a shuffled order per question (false: one "
+                                                    "fixed order, so a letter names a shape).")
     tiny_llm: bool = Field(False, description="Also write {output}/llm: a random tiny Qwen2 whose tokenizer "
                                               "is trained on texts.txt (the quickstart's LLM; file:// only).")
 
@@ -73,7 +75,8 @@ def build(ctx: RunContext) -> TaskState:
         counts = generate_vqa(out, train=params.train_samples, eval=params.eval_samples,
                               grounding=params.grounding_samples, seed=params.seed,
                               cfg=SynthConfig(scene_size=params.scene_size),
-                              samples_per_shard=params.samples_per_shard)
+                              samples_per_shard=params.samples_per_shard,
+                              shuffle_options=params.shuffle_options)
         ctx.log.info("wrote synthetic VQA sources %s and %s/texts.txt", counts, out)
         if params.tiny_llm:
             _write_tiny_llm(out, params.seed)

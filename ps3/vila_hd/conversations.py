@@ -42,7 +42,7 @@ from ps3.data.fs import filesystem
 from ps3.data.index import DataSourceError, SourceIndex, read_index
 
 # Shared with PS3Loader on purpose: both loaders cut, accept sources and record positions alike.
-from ps3.data.loader import _accumulation, _as_source, _Position
+from ps3.data.loader import Position, accumulation_steps, as_source
 from ps3.data.sampling import BatchPlanner, SamplingError, Slot, SourceInfo, replacement
 from ps3.data.shards import ShardWriter, iter_webdataset
 
@@ -591,12 +591,12 @@ class ConversationLoader:
 
     def __init__(self, sources: Sequence, tokenizer, *, rank: int, world_size: int,
                  config: ConversationLoaderConfig):
-        self.sources = [_as_source(s) for s in sources]
+        self.sources = [as_source(s) for s in sources]
         self.tokenizer, self.config, self.rank, self.world_size = tokenizer, config, rank, world_size
         _Chat(tokenizer)  # a tokenizer without chat template or image token fails here, not in a worker
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad token; set tokenizer.pad_token (Qwen2: <|endoftext|>)")
-        self.accumulation = _accumulation(config.global_batch, world_size, config.micro_batch)
+        self.accumulation = accumulation_steps(config.global_batch, world_size, config.micro_batch)
         if len({s.name for s in self.sources}) != len(self.sources):
             raise SamplingError("source names must be unique (they key the resume state)")
         self._refs = [SourceRef.open(s.name, s.uri, i) for i, s in enumerate(self.sources)]
@@ -607,7 +607,7 @@ class ConversationLoader:
                 raise SamplingError(f"global batch {config.global_batch} is larger than the "
                                     f"{sum(i.size for i in infos)} {kind} samples of {[i.name for i in infos]}")
         self._planner = self._new_planner()
-        self._pos = _Position(planner=self._planner.state_dict())
+        self._pos = Position(planner=self._planner.state_dict())
         self._bad: Counter = Counter()
         self._stream: Iterator | None = None
 
@@ -629,7 +629,7 @@ class ConversationLoader:
         self._pos.micro += 1
         if self._pos.micro == self.accumulation:  # step done: move the planner past its plan
             self._planner.next_batch()
-            self._pos = _Position(self._pos.step + 1, 0, self._planner.state_dict())
+            self._pos = Position(self._pos.step + 1, 0, self._planner.state_dict())
         return batch
 
     def _open_stream(self) -> Iterator:
@@ -655,7 +655,7 @@ class ConversationLoader:
                              f"{state['world_size']}; it can only resume at world size {state['world_size']}")
         self._planner = self._new_planner()
         self._planner.load_state_dict(state["planner"])
-        self._pos = _Position(int(state["step"]), int(state["micro"]), self._planner.state_dict())
+        self._pos = Position(int(state["step"]), int(state["micro"]), self._planner.state_dict())
         self.close()
 
     def bad_sample_counts(self) -> dict[str, int]:
@@ -747,7 +747,7 @@ class _MicroBatches(IterableDataset):
     """This rank's micro-batches from a position on; in a worker, only every n-th of them."""
 
     def __init__(self, maker: _Maker, groups: dict[str, list[SourceInfo]], config: ConversationLoaderConfig,
-                 rank: int, world_size: int, start: _Position):
+                 rank: int, world_size: int, start: Position):
         super().__init__()
         self.maker, self.groups, self.config = maker, groups, config
         self.rank, self.world_size, self.start = rank, world_size, start

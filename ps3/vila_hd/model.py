@@ -63,7 +63,8 @@ class Selection:
         """High-res patches an image gets (at most)."""
         per_look = sum(self.budgets(enc))
         looks = count_looks(enc, self.num_look_close, self.num_token_look_close, per_look)
-        return sum(per_look if n is None else n for n in looks)
+        # the last look takes what is left: 6 looks of 2560 at 1.5K encode all 14580, not 15360
+        return min(sum(per_look if n is None else n for n in looks), enc.preset.max_highres_tokens)
 
     def image_tokens(self, enc: PS3VisionEncoder) -> int:
         """LLM tokens an image can take at most: low-res, whole 2x2 blocks of patches, newline.

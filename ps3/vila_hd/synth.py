@@ -17,6 +17,7 @@ Every sample is a pure function of (seed, split, kind, sample number), like `ps3
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Iterator
@@ -85,15 +86,19 @@ def _sample(key: str, image, conversation: tuple[str, str], box: list[float], ki
     return key, meta, [("0.jpg", encode(image, "jpg", cfg.quality))]
 
 
-def vqa_sample(seed: int, i: int, cfg: SynthConfig = DEFAULT_CONFIG, *, split: str = "train") -> Sample:
+def vqa_sample(seed: int, i: int, cfg: SynthConfig = DEFAULT_CONFIG, *, split: str = "train",
+               shuffle_options: bool = True) -> Sample:
     """Sample `i` of the shape question stream: (key, meta, [("0.jpg", bytes)]).
 
     The options are all four shapes in a shuffled order, so the letter carries no prior and
-    the answer cannot be read off the option position.
+    the answer cannot be read off the option position. `shuffle_options=False` keeps them in
+    one fixed order, so a letter names a shape: what a tiny LLM trained for minutes can learn
+    (matching a shape to its place in a shuffled list is a skill of its own).
     """
     rng = _rng(seed, split, "qa", i)
     image, box, colour, shape = _scene_sign(rng, cfg)
-    options = [str(s) for s in rng.permutation(SIGN_SHAPES)]
+    shuffled = [str(s) for s in rng.permutation(SIGN_SHAPES)]  # drawn either way: the same scenes
+    options = shuffled if shuffle_options else list(SIGN_SHAPES)
     letter = LETTERS[options.index(shape)]
     return _sample(f"{split}-qa-{i:08d}", image, (shape_question(colour, options), letter), box, "qa",
                    QA_SOURCE, cfg, answer=letter, options=options, category="shape")
@@ -150,14 +155,16 @@ def _write_source(uri: str, source: str, samples: Iterator[Sample], samples_per_
 
 
 def generate_vqa(uri: str, *, train: int, eval: int, grounding: int, seed: int = 0,
-                 cfg: SynthConfig = DEFAULT_CONFIG, samples_per_shard: int = 100) -> dict[str, int]:
+                 cfg: SynthConfig = DEFAULT_CONFIG, samples_per_shard: int = 100,
+                 shuffle_options: bool = True) -> dict[str, int]:
     """Write the train/qa, train/grounding and eval/qa sources and texts.txt under `uri`.
 
     A source asked for 0 samples is not written. Returns {"train/qa": count, ...} for the
     sources written, the counts read back from their indexes.
     """
     plan = {("train", "qa"): train, ("train", "grounding"): grounding, ("eval", "qa"): eval}
-    makers = {"qa": (vqa_sample, QA_SOURCE), "grounding": (grounding_sample, GROUNDING_SOURCE)}
+    makers = {"qa": (functools.partial(vqa_sample, shuffle_options=shuffle_options), QA_SOURCE),
+              "grounding": (grounding_sample, GROUNDING_SOURCE)}
     counts = {}
     for (split, kind), n in plan.items():
         if n <= 0:

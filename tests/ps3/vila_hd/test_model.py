@@ -83,6 +83,7 @@ def test_image_tokens_follow_the_budget_and_are_never_empty(llm):
     assert [int(s.sum()) for s in full.selected] == [2 * 16, 2 * 64]  # preset budgets per image
     assert Selection(num_look_close=1).image_tokens(model.vision_tower) == low + 20
     assert Selection(num_look_close="all").patches(model.vision_tower) == 16 * 16 + 32 * 32
+    assert Selection(num_look_close=100).patches(model.vision_tower) == 16 * 16 + 32 * 32  # capped at every patch
 
 
 def test_bottom_up_needs_no_pass_one_and_differs_from_top_down(llm):

@@ -173,3 +173,14 @@ def test_task_rejects_bad_params_naming_the_field(tmp_path, bad):
 
     with pytest.raises(TaskSetupError, match="spec params"):
         synth_vqa.build(_ctx({"output": f"file://{tmp_path}/q"} | bad))
+
+
+def test_fixed_option_order_keeps_the_same_scenes():
+    from ps3.data.synth import SIGN_SHAPES
+    from ps3.vila_hd.synth import vqa_sample
+
+    cfg = SynthConfig(scene_size=(256, 320))
+    _, shuffled, images = vqa_sample(0, 3, cfg)
+    _, fixed, same_images = vqa_sample(0, 3, cfg, shuffle_options=False)
+    assert fixed["options"] == list(SIGN_SHAPES) and images == same_images
+    assert fixed["answer"] == "ABCD"[list(SIGN_SHAPES).index(shuffled["options"]["ABCD".index(shuffled["answer"])])]
