@@ -37,6 +37,8 @@ class SynthVqaParams(TaskParams):
                                                     "fixed order, so a letter names a shape).")
     tiny_llm: bool = Field(False, description="Also write {output}/llm: a random tiny Qwen2 whose tokenizer "
                                               "is trained on texts.txt (the quickstart's LLM; file:// only).")
+    tiny_llm_hidden_size: int = Field(64, ge=8, description="Width of that tiny Qwen2.")
+    tiny_llm_layers: int = Field(2, ge=1, description="Decoder layers of that tiny Qwen2.")
 
     @field_validator("scene_size")
     @classmethod
@@ -79,7 +81,7 @@ def build(ctx: RunContext) -> TaskState:
                               shuffle_options=params.shuffle_options)
         ctx.log.info("wrote synthetic VQA sources %s and %s/texts.txt", counts, out)
         if params.tiny_llm:
-            _write_tiny_llm(out, params.seed)
+            _write_tiny_llm(out, params)
         # written last: its presence means every source is complete
         fs.pipe_file(f"{path}/{DONE_NAME}",
                      json.dumps({"params": params.model_dump(mode="json"), "counts": counts}).encode())
@@ -88,7 +90,7 @@ def build(ctx: RunContext) -> TaskState:
     return TaskState(run=run)
 
 
-def _write_tiny_llm(output: str, seed: int) -> None:
+def _write_tiny_llm(output: str, params: SynthVqaParams) -> None:
     """A tiny random Qwen2 + a tokenizer that covers every text of the data, in {output}/llm."""
     from ps3.vila_hd.llm import build_tiny_llm
     from ps3.vila_hd.synth import TEXTS_NAME
@@ -98,4 +100,6 @@ def _write_tiny_llm(output: str, seed: int) -> None:
     if "file" not in protocols:
         raise TaskSetupError(f"spec params.tinyLlm needs a file:// output, got {output}")
     texts = fs.cat_file(f"{path}/{TEXTS_NAME}").decode().splitlines()
-    build_tiny_llm(f"{path}/llm", texts, seed=seed)
+    width = params.tiny_llm_hidden_size
+    build_tiny_llm(f"{path}/llm", texts, hidden_size=width, num_layers=params.tiny_llm_layers,
+                   intermediate_size=2 * width, seed=params.seed)
