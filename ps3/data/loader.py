@@ -58,7 +58,69 @@ class Position:
     planner: dict = field(default_factory=dict)  # BatchPlanner state at the start of `step`
 
 
-class PS3Loader:
+class PlannedLoader:
+    """The position keeping every planned loader shares: advance, state, resume, bad counts.
+
+    A subclass sets `world_size`, `accumulation` and `config` (global_batch, num_workers,
+    prefetch_factor), builds `self._planner = self._new_planner()` and calls
+    `self._start()`; it implements `_new_planner()` and `_stream_of(position)` (an
+    IterableDataset of this rank's micro-batches from a position).
+    """
+
+    def _start(self) -> None:
+        self._pos = Position(planner=self._planner.state_dict())
+        self._bad: Counter = Counter()
+        self._stream: Iterator | None = None
+
+    def __iter__(self):
+        return self
+
+    def _next_item(self):
+        """The stream's next item, the position moved past it."""
+        if self._stream is None:
+            self._stream = self._open_stream()
+        item = next(self._stream)
+        self._pos.micro += 1
+        if self._pos.micro == self.accumulation:  # step done: move the planner past its plan
+            self._planner.next_batch()
+            self._pos = Position(self._pos.step + 1, 0, self._planner.state_dict())
+        return item
+
+    def _open_stream(self) -> Iterator:
+        stream = self._stream_of(copy.deepcopy(self._pos))
+        if self.config.num_workers == 0:
+            return iter(stream)
+        return iter(DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,
+                               prefetch_factor=self.config.prefetch_factor, persistent_workers=False))
+
+    def state_dict(self) -> dict:
+        """The exact position: identical on every rank, valid for any world size at a step boundary."""
+        return {"version": STATE_VERSION, "step": self._pos.step, "micro": self._pos.micro,
+                "planner": copy.deepcopy(self._pos.planner), "world_size": self.world_size,
+                "global_batch": self.config.global_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at the micro-batch after the one `state` was taken at."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data state version {state.get('version')} is not {STATE_VERSION}")
+        if state["micro"] and state["world_size"] != self.world_size:
+            raise ValueError(f"data state was taken mid-step (micro-batch {state['micro']}) at world size "
+                             f"{state['world_size']}; it can only resume at world size {state['world_size']}")
+        self._planner = self._new_planner()
+        self._planner.load_state_dict(state["planner"])
+        self._pos = Position(int(state["step"]), int(state["micro"]), self._planner.state_dict())
+        self.close()
+
+    def bad_sample_counts(self) -> dict[str, int]:
+        """Cumulative skipped samples by reason, summed over this rank's worker processes."""
+        return dict(self._bad)
+
+    def close(self) -> None:
+        """Stop worker processes (the next `next()` starts them again from the position)."""
+        self._stream = None
+
+
+class PS3Loader(PlannedLoader):
     """Stateful iterator of this rank's micro-batches (see module docstring).
 
     Each item is a dict: lowres [B, 3, S0, S0], selection_view [B, 3, Ssel, Ssel],
@@ -80,24 +142,15 @@ class PS3Loader:
             raise SamplingError(f"global batch {config.global_batch} is larger than the {sum(i.size for i in self._infos)} "
                                 f"images in {[s.uri for s in self.sources]}: one image may appear once per batch")
         self._planner = self._new_planner()
-        self._pos = Position(planner=self._planner.state_dict())
-        self._bad: Counter = Counter()
-        self._stream: Iterator | None = None
+        self._start()
 
     def _new_planner(self) -> BatchPlanner:
         return BatchPlanner(self._infos, self.config.global_batch, self.config.seed,
                             self.config.global_caption_fraction)
 
-    # ---- iteration -----------------------------------------------------------------
-    def __iter__(self) -> PS3Loader:
-        return self
-
     def __next__(self) -> dict:
-        if self._stream is None:
-            self._stream = self._open_stream()
-        batch, captions, bad = next(self._stream)
+        batch, captions, bad = self._next_item()
         self._bad.update(bad)
-        self._advance()
         tokens = self.tokenize(captions)
         if tokens.shape != (len(captions), self.views.context_length):
             raise ValueError(f"tokenize returned {tuple(tokens.shape)}, expected "
@@ -105,47 +158,8 @@ class PS3Loader:
         batch["tokens"] = tokens.long()  # [B, L]
         return batch
 
-    def _advance(self) -> None:
-        self._pos.micro += 1
-        if self._pos.micro == self.accumulation:  # step done: move the planner past its plan
-            self._planner.next_batch()
-            self._pos = Position(self._pos.step + 1, 0, self._planner.state_dict())
-
-    def _open_stream(self) -> Iterator:
-        stream = _MicroBatches(self._refs, self._infos, self.views, self.config, self.rank, self.world_size,
-                               copy.deepcopy(self._pos))
-        if self.config.num_workers == 0:
-            return iter(stream)
-        loader = DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,
-                            prefetch_factor=self.config.prefetch_factor, persistent_workers=False)
-        return iter(loader)
-
-    # ---- state ---------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """The exact position: identical on every rank, valid for any world size."""
-        return {"version": STATE_VERSION, "step": self._pos.step, "micro": self._pos.micro,
-                "planner": copy.deepcopy(self._pos.planner), "world_size": self.world_size,
-                "global_batch": self.config.global_batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue at the next micro-batch after the one `state` was taken at."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data state version {state.get('version')} is not {STATE_VERSION}")
-        if state["micro"] and state["world_size"] != self.world_size:
-            raise ValueError(f"data state was taken mid-step (micro-batch {state['micro']}) at world size "
-                             f"{state['world_size']}; it can only resume at world size {state['world_size']}")
-        self._planner = self._new_planner()
-        self._planner.load_state_dict(state["planner"])
-        self._pos = Position(int(state["step"]), int(state["micro"]), self._planner.state_dict())
-        self.close()
-
-    def bad_sample_counts(self) -> dict[str, int]:
-        """Cumulative skipped samples by reason, summed over this rank's worker processes."""
-        return dict(self._bad)
-
-    def close(self) -> None:
-        """Stop worker processes (the next `next()` starts them again from the position)."""
-        self._stream = None
+    def _stream_of(self, position: Position) -> IterableDataset:
+        return _MicroBatches(self._refs, self._infos, self.views, self.config, self.rank, self.world_size, position)
 
 
 def as_source(source) -> DataSource:

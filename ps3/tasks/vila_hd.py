@@ -13,15 +13,20 @@ from __future__ import annotations
 import json
 
 import torch
+from ps3_platform.runtime.task import RunContext, StepResult, TaskSetupError, TaskState
 
 from ps3.model import PS3Model
 from ps3.vila_hd.conversations import build_conversation_loader
-from ps3.vila_hd.export import ExportError, export_vila_hd, is_vila_hd_export, load_vila_hd
+from ps3.vila_hd.export import (
+    ExportError,
+    export_vila_hd,
+    is_vila_hd_export,
+    load_vila_hd,
+)
 from ps3.vila_hd.llm import LLMError, load_llm
 from ps3.vila_hd.losses import selection_loss, selection_recall
 from ps3.vila_hd.model import Selection, VilaHD
 from ps3.vila_hd.params import MODULES, VilaHDParams
-from ps3_platform.runtime.task import RunContext, StepResult, TaskSetupError, TaskState
 
 from .common import init_weights, parse_params, preset_for, to_device, unwrap
 
@@ -91,7 +96,10 @@ def _build_model(ctx: RunContext, params: VilaHDParams) -> tuple[VilaHD, object]
 def _export(ctx: RunContext, params: VilaHDParams, model: torch.nn.Module) -> None:
     """The trained model as an HF-style directory (every rank takes part in gathering it,
     FSDP-sharded or not; rank 0 writes)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if ctx.rank != 0:

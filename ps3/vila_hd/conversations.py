@@ -19,7 +19,6 @@ reads any sample with one ranged read.
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import logging
@@ -32,7 +31,7 @@ import jinja2
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
 from ps3.data import records
@@ -42,14 +41,14 @@ from ps3.data.fs import filesystem
 from ps3.data.index import DataSourceError, SourceIndex, read_index
 
 # Shared with PS3Loader on purpose: both loaders cut, accept sources and record positions alike.
-from ps3.data.loader import Position, accumulation_steps, as_source
+from ps3.data.loader import PlannedLoader, Position, accumulation_steps, as_source
 from ps3.data.sampling import BatchPlanner, SamplingError, Slot, SourceInfo, replacement
 from ps3.data.shards import ShardWriter, iter_webdataset
 
+from .llm import IMAGE_TOKEN  # the placeholder of one image in a turn
+
 log = logging.getLogger(__name__)
 
-#: The placeholder of one image in a turn (the same constant as `ps3.vila_hd.llm.IMAGE_TOKEN`).
-IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
 QA, GROUNDING = "qa", "grounding"
 KINDS = (QA, GROUNDING)
@@ -57,7 +56,6 @@ USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
 ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, "system": SYSTEM}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-STATE_VERSION = 1
 
 #: Why a sample is skipped: the `kind` of a BadSample, the keys of the skip counts.
 BAD_KINDS = (
@@ -574,7 +572,7 @@ class _StepPlanner:
                 self.planners[kind].load_state_dict(planner_state)
 
 
-class ConversationLoader:
+class ConversationLoader(PlannedLoader):
     """Stateful iterator of this rank's conversation micro-batches (batch contract: ps3.vila_hd).
 
     Built like PS3Loader: every rank plans the same global batch per step, takes its
@@ -607,9 +605,7 @@ class ConversationLoader:
                 raise SamplingError(f"global batch {config.global_batch} is larger than the "
                                     f"{sum(i.size for i in infos)} {kind} samples of {[i.name for i in infos]}")
         self._planner = self._new_planner()
-        self._pos = Position(planner=self._planner.state_dict())
-        self._bad: Counter = Counter()
-        self._stream: Iterator | None = None
+        self._start()
 
     def _info(self, position: int) -> SourceInfo:
         source = self.sources[position]
@@ -618,53 +614,14 @@ class ConversationLoader:
     def _new_planner(self) -> _StepPlanner:
         return _StepPlanner(self._groups, self.config.global_batch, self.config.seed)
 
-    def __iter__(self) -> ConversationLoader:
-        return self
-
     def __next__(self) -> dict:
-        if self._stream is None:
-            self._stream = self._open_stream()
-        batch, bad = next(self._stream)
+        batch, bad = self._next_item()
         self._bad.update(bad)
-        self._pos.micro += 1
-        if self._pos.micro == self.accumulation:  # step done: move the planner past its plan
-            self._planner.next_batch()
-            self._pos = Position(self._pos.step + 1, 0, self._planner.state_dict())
         return batch
 
-    def _open_stream(self) -> Iterator:
+    def _stream_of(self, position: Position) -> IterableDataset:
         maker = _Maker(self._refs, self._members, self.tokenizer, self.config)
-        stream = _MicroBatches(maker, self._groups, self.config, self.rank, self.world_size, copy.deepcopy(self._pos))
-        if self.config.num_workers == 0:
-            return iter(stream)
-        return iter(DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,
-                               prefetch_factor=self.config.prefetch_factor, persistent_workers=False))
-
-    def state_dict(self) -> dict:
-        """The exact position: identical on every rank, valid for any world size at a step boundary."""
-        return {"version": STATE_VERSION, "step": self._pos.step, "micro": self._pos.micro,
-                "planner": copy.deepcopy(self._pos.planner), "world_size": self.world_size,
-                "global_batch": self.config.global_batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue at the micro-batch after the one `state` was taken at."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data state version {state.get('version')} is not {STATE_VERSION}")
-        if state["micro"] and state["world_size"] != self.world_size:
-            raise ValueError(f"data state was taken mid-step (micro-batch {state['micro']}) at world size "
-                             f"{state['world_size']}; it can only resume at world size {state['world_size']}")
-        self._planner = self._new_planner()
-        self._planner.load_state_dict(state["planner"])
-        self._pos = Position(int(state["step"]), int(state["micro"]), self._planner.state_dict())
-        self.close()
-
-    def bad_sample_counts(self) -> dict[str, int]:
-        """Cumulative skipped samples by kind (BAD_KINDS), summed over this rank's workers."""
-        return dict(self._bad)
-
-    def close(self) -> None:
-        """Stop worker processes (the next `next()` starts them again from the position)."""
-        self._stream = None
+        return _MicroBatches(maker, self._groups, self.config, self.rank, self.world_size, position)
 
 
 def _group_by_kind(refs: list[SourceRef], probes: int = 8) -> dict[str, list[int]]:

@@ -24,12 +24,12 @@ from torch import nn
 
 from ps3.model.forward import count_looks, run_looks
 from ps3.model.selection import apply_gt_override
-from ps3.model.vision import PS3VisionEncoder, resize_square
+from ps3.model.vision import LowRes, PS3VisionEncoder, resize_square
 
+from .conversations import IGNORE_INDEX as IGNORE  # labels the loss does not score
 from .projector import MMProjector, merge_2x2, whole_blocks
 
 LOOK_CLOSE_MODES = ("after_prompt", "after_image")
-IGNORE = -100
 
 
 @dataclass
@@ -166,7 +166,7 @@ class VilaHD(nn.Module):
         return images.to(dtype) / 127.5 - 1.0, owner, dummy  # PS3's mean/std 0.5
 
     def _lowres_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        n, cells, d = tokens.shape
+        n, _, d = tokens.shape
         g = self.vision_tower.preset.grids[0]
         merged = merge_2x2(tokens.reshape(n, g, g, d))
         return self.mm_projector.project(merged) + self.mm_projector.position(math.ceil(g / 2), 0)
@@ -272,10 +272,8 @@ def _owners(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     return (input_ids == image_token_id).nonzero()[:, 0]
 
 
-def _subset_lowres(low, rows: torch.Tensor):
+def _subset_lowres(low: LowRes, rows: torch.Tensor) -> LowRes:
     """The low-res results (pooled, K/V, tokens) of some images only."""
-    from ps3.model.vision import LowRes
-
     return LowRes(low.pooled[rows], low.tokens[rows], {k: v[rows] for k, v in low.hidden.items()},
                   [(k[rows], v[rows]) for k, v in low.kv])
 
