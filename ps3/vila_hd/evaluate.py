@@ -46,17 +46,23 @@ def evaluate_choices(model, loader, batches: int, selection: Selection, tokenize
     model.eval()
     choices = letter_ids(tokenizer)
     hits, recalls, n = defaultdict(float), defaultdict(list), 0
-    settings = {"highres": selection, "lowres": replace(selection, num_look_close=0, num_token_look_close=None)}
+    grids = model.vision_tower.preset.grids[1:]
+    # held-out questions never have their box cells forced, whatever the stage trained with
+    highres = replace(selection, gt_forced=False)
+    lowres = replace(highres, num_look_close=0, num_token_look_close=None)
+    recall_names = {"after_prompt": "topdown", "after_image": "bottomup"}
     for _ in range(batches):
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(loader).items()}
-        for name, chosen in settings.items():
-            picked, truth, out = answer_letters(model, batch, chosen, choices)
-            hits[name] += float((picked == truth).sum())
+        picked, truth, out = answer_letters(model, batch, highres, choices)
+        hits["highres"] += float((picked == truth).sum())
+        selected = {highres.mode: out.selected}  # the answer's own selection serves its mode's recall
+        picked, truth, _ = answer_letters(model, batch, lowres, choices)
+        hits["lowres"] += float((picked == truth).sum())
         n += int((truth >= 0).sum())
-        for name, mode in (("topdown", "after_prompt"), ("bottomup", "after_image")):
-            out = model(batch, replace(selection, mode=mode, gt_forced=False))
-            grids = model.vision_tower.preset.grids[1:]
-            recalls[name] += selection_recall(out.selected, batch["boxes"], batch["has_box"], grids).tolist()
+        for mode, name in recall_names.items():
+            if mode not in selected:
+                selected[mode] = model(batch, replace(highres, mode=mode)).selected
+            recalls[name] += selection_recall(selected[mode], batch["boxes"], batch["has_box"], grids).tolist()
     model.train(was_training)
     results = {f"accuracy_{k}": round(v / max(1, n), 4) for k, v in hits.items()}
     results["accuracy_chance"] = round(1 / len(LETTERS), 4)
