@@ -263,13 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the job spec JSON Schema")
     p.set_defaults(func=cmd_schema)
 
-    p = sub.add_parser("data", help="dataset shards: index and check")
+    p = sub.add_parser("data", help="dataset shards: index, check, import LLaVA conversations")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     for action, doc in (("index", "write index.json for a source directory"),
                         ("check", "count samples, boxes and bad records per shard")):
         q = data_sub.add_parser(action, help=doc)
         q.add_argument("uri", help="source directory URI (file://, s3://)")
         q.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    q = data_sub.add_parser("import-llava", help="LLaVA-format JSON + images -> VILA-HD conversation shards")
+    q.add_argument("json_uri", help="the LLaVA JSON list (id, image, conversations, optional box/boxes)")
+    q.add_argument("image_root", help="directory the items' image paths are relative to")
+    q.add_argument("output_uri", help="shard directory to write, with its index (file://, s3://)")
+    q.add_argument("--source", default="llava", help="source name recorded in every sample")
+    q.add_argument("--samples-per-shard", type=int, default=1000)
+    q.add_argument("-o", "--output", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_data)
     return parser
 

@@ -1,4 +1,5 @@
-"""`platformctl data index|check URI`: dataset shard tools (the work is in ps3.data)."""
+"""`platformctl data index|check|import-llava`: dataset shard tools (the work is in ps3.data and
+ps3.vila_hd; `import-llava` is the `import_llava` stage's converter, run here and now)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from rich.table import Table
 
 def run_data_command(args: argparse.Namespace) -> int:
     from ps3.data import DataSourceError, build_index, check_source
+
+    if args.data_command == "import-llava":
+        return _import_llava(args)
 
     try:
         report = build_index(args.uri) if args.data_command == "index" else check_source(args.uri)
@@ -40,3 +44,25 @@ def _print_report(action: str, uri: str, report: dict) -> None:
     console.print("total: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
     if report.get("bad"):
         console.print("bad records: " + ", ".join(f"{k}={v}" for k, v in sorted(report["bad"].items())))
+
+
+def _import_llava(args: argparse.Namespace) -> int:
+    """LLaVA JSON + images -> conversation shards; bad items are counted (and logged), not fatal."""
+    import logging
+
+    from ps3.data import DataSourceError
+    from ps3.vila_hd.conversations import import_llava
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        summary = import_llava(args.json_uri, args.image_root, args.output_uri,
+                               samples_per_shard=args.samples_per_shard, source=args.source)
+    except (DataSourceError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {args.json_uri}: {exc}", file=sys.stderr)
+        return 1
+    if args.output == "json":
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        return 0
+    skipped = ", ".join(f"{k}={v}" for k, v in sorted(summary["skipped"].items())) or "none"
+    print(f"wrote {summary['written']} conversations to {args.output_uri} (with index.json); skipped: {skipped}")
+    return 0

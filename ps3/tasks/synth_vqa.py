@@ -11,6 +11,7 @@ every 4K scene (about 0.3 s each on one core).
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -26,15 +27,18 @@ DONE_NAME = "_synth_vqa.json"
 
 class SynthVqaParams(TaskParams):
     output: str = Field(description="URI to write under (train/qa, train/grounding, eval/qa, texts.txt).")
-    train_samples: int = Field(1000, ge=1, description="Training shape questions.")
-    eval_samples: int = Field(200, ge=0, description="Held-out shape questions (0: no eval source).")
+    question: Literal["mark", "shape"] = Field(
+        "mark", description="What the questions ask of the named sign: the colour of the dot at its centre "
+                            "(mark) or its shape; both need high resolution (ps3.vila_hd.synth).")
+    train_samples: int = Field(1000, ge=1, description="Training questions.")
+    eval_samples: int = Field(200, ge=0, description="Held-out questions (0: no eval source).")
     grounding_samples: int = Field(500, ge=0, description="Grounding samples (selection loss only; 0: none).")
     seed: int = Field(0, description="Seed of every stream; eval's stream differs from training's for any seed.")
     scene_size: tuple[int, int] = Field((2048, 4096), description="Range of a scene's long side in pixels; "
                                                                   "below about 1K, 256 px shows the whole scene.")
     samples_per_shard: int = Field(100, ge=1, description="Samples per tar shard.")
     shuffle_options: bool = Field(True, description="Options in a shuffled order per question (false: one "
-                                                    "fixed order, so a letter names a shape).")
+                                                    "fixed order, so a letter names an answer).")
     tiny_llm: bool = Field(False, description="Also write {output}/llm: a random tiny Qwen2 whose tokenizer "
                                               "is trained on texts.txt (the quickstart's LLM; file:// only).")
     tiny_llm_hidden_size: int = Field(64, ge=8, description="Width of that tiny Qwen2.")
@@ -78,7 +82,7 @@ def build(ctx: RunContext) -> TaskState:
                               grounding=params.grounding_samples, seed=params.seed,
                               cfg=SynthConfig(scene_size=params.scene_size),
                               samples_per_shard=params.samples_per_shard,
-                              shuffle_options=params.shuffle_options)
+                              shuffle_options=params.shuffle_options, question=params.question)
         ctx.log.info("wrote synthetic VQA sources %s and %s/texts.txt", counts, out)
         if params.tiny_llm:
             _write_tiny_llm(out, params)

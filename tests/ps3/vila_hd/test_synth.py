@@ -80,6 +80,45 @@ def test_option_order_is_shuffled_so_letters_carry_no_prior():
     assert len(answers) >= 3 and len(orders) >= 8
 
 
+MARKS = SynthConfig(scene_size=(1024, 1024), texture=False)  # signs ~48 px: room to sample sign and dot apart
+
+
+def _median_colour(image: Image.Image, x: float, y: float, r: float) -> np.ndarray:
+    pixels = np.asarray(image.crop((round(x - r), round(y - r), round(x + r) + 1, round(y + r) + 1)), dtype=float)
+    return np.median(pixels.reshape(-1, 3), axis=0)
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_mark_question_asks_the_colour_of_the_dot_on_the_named_sign(i):
+    from ps3.vila_hd.synth import MARK_COLOURS, mark_question, vocabulary_texts
+
+    key, meta, members = vqa_sample(0, i, MARKS, question="mark", shuffle_options=False)
+    human, gpt = meta["conversations"]
+    lines = human["value"].split("\n")
+    colour = re.fullmatch(r"What colour is the dot on the (\w+) sign\?", lines[1]).group(1)
+    assert meta["category"] == "mark" and meta["options"] == list(MARK_COLOURS) and gpt["value"] == meta["answer"]
+    assert human["value"].replace("<image>\n", "") == mark_question(colour, meta["options"])
+    assert human["value"].replace("<image>\n", "") in vocabulary_texts()
+
+    image, (box,) = _image(members), meta["boxes"]
+    side = box[2] - box[0]
+    cx, cy = (box[0] + box[2]) / 2, box[1] + side / 2
+    dot = _median_colour(image, cx, cy, side * 0.05)  # inside the dot (a third of the side across)
+    sign = _median_colour(image, cx + side * 0.22, cy, side * 0.02)  # outside it, inside every shape
+    mark = meta["options"][LETTERS.index(meta["answer"])]
+    assert min(MARK_COLOURS, key=lambda c: np.abs(dot - MARK_COLOURS[c]).sum()) == mark
+    assert min(SIGN_COLOURS, key=lambda c: np.abs(sign - COLOURS[c]).sum()) == colour
+
+
+def test_marks_vary_and_grounding_scenes_carry_them_when_asked():
+    answers = {vqa_sample(0, i, MARKS, question="mark", shuffle_options=False)[1]["answer"] for i in range(12)}
+    assert len(answers) >= 3
+    plain, marked = grounding_sample(0, 1, MARKS)[2], grounding_sample(0, 1, MARKS, marks=True)[2]
+    assert plain != marked
+    with pytest.raises(ValueError, match="question must be one of"):
+        vqa_sample(0, 0, MARKS, question="size")
+
+
 def test_grounding_names_a_sign_and_gives_its_box():
     for i in range(4):
         key, meta, members = grounding_sample(0, i, SMALL)
