@@ -36,6 +36,10 @@ class SynthVqaParams(TaskParams):
     seed: int = Field(0, description="Seed of every stream; eval's stream differs from training's for any seed.")
     scene_size: tuple[int, int] = Field((2048, 4096), description="Range of a scene's long side in pixels; "
                                                                   "below about 1K, 256 px shows the whole scene.")
+    sign_fraction: tuple[float, float] = Field(
+        (0.042, 0.05), description="Range of a sign's side over the scene's long side. The tiny preset's top "
+                                   "scale (256 px) shows a 0.045 sign in 12 px, under two patches: 0.08-0.1 "
+                                   "puts its dot in a patch of its own.")
     samples_per_shard: int = Field(100, ge=1, description="Samples per tar shard.")
     shuffle_options: bool = Field(True, description="Options in a shuffled order per question (false: one "
                                                     "fixed order, so a letter names an answer).")
@@ -51,6 +55,15 @@ class SynthVqaParams(TaskParams):
         low, high = value
         if not 256 <= low <= high:
             raise ValueError(f"must be [low, high] with 256 <= low <= high, got {list(value)}")
+        return value
+
+    @field_validator("sign_fraction")
+    @classmethod
+    def _fraction_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        """Four signs and their word plates must fit a scene without overlapping."""
+        low, high = value
+        if not 0.01 <= low <= high <= 0.2:
+            raise ValueError(f"must be [low, high] with 0.01 <= low <= high <= 0.2, got {list(value)}")
         return value
 
 
@@ -80,7 +93,7 @@ def build(ctx: RunContext) -> TaskState:
             fs.rm(f"{path}/{DONE_NAME}")
         counts = generate_vqa(out, train=params.train_samples, eval=params.eval_samples,
                               grounding=params.grounding_samples, seed=params.seed,
-                              cfg=SynthConfig(scene_size=params.scene_size),
+                              cfg=SynthConfig(scene_size=params.scene_size, sign_fraction=params.sign_fraction),
                               samples_per_shard=params.samples_per_shard,
                               shuffle_options=params.shuffle_options, question=params.question)
         ctx.log.info("wrote synthetic VQA sources %s and %s/texts.txt", counts, out)

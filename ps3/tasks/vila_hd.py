@@ -16,7 +16,7 @@ import torch
 from ps3_platform.runtime.task import RunContext, StepResult, TaskSetupError, TaskState
 
 from ps3.model import PS3Model
-from ps3.vila_hd.conversations import build_conversation_loader
+from ps3.vila_hd.loader import build_conversation_loader
 from ps3.vila_hd.export import (
     ExportError,
     export_vila_hd,

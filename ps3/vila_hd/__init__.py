@@ -3,11 +3,15 @@
 Paper section 3 and appendix C (`shared/papers/ps3_paper.txt`). The modules:
 
     llm.py            load a Qwen2-family causal LM + tokenizer from a path/URI; tiny ones for tests
-    conversations.py  conversation samples: validation, chat-template tokenisation, shards, batches
+    conversations.py  conversation samples: validation, chat-template tokenisation, shards, LLaVA import
+    loader.py         ConversationLoader: planned, resumable batches; QA and grounding never mixed
     synth.py          synthetic high-res VQA whose answers need high resolution (the quickstart)
     projector.py      2x2 spatial-to-channel merge + LayerNorm + 2-layer MLP to the LLM width
     model.py          VilaHD: PS3 encoder + projector + LLM, image token assembly, the two passes
     losses.py         token-selection loss (BCE + Dice per scale on the box map)
+    evaluate.py       multiple-choice accuracy (high-res, low-res, chance) and selection recall
+    export.py         HF-style export directory, and loading it back
+    params.py         the `vila_hd` task's params (torch-free: `platformctl validate` checks them)
 
 Conversation sample (one webdataset sample, key K):
     K.json    {"conversations": [{"from": "human"|"gpt", "value": str}, ...],  # "<image>" placeholders
@@ -16,7 +20,7 @@ Conversation sample (one webdataset sample, key K):
                "source": str, "id": str}
     K.0.jpg, K.1.png, ...   the images, in placeholder order (jpg/png/webp)
 
-Batch contract (what `conversations.collate` gives `VilaHD.forward`), B conversations, N images:
+Batch contract (what `loader.collate` gives `VilaHD.forward`), B conversations, N images:
     input_ids       long [B, L]   right-padded; one `image_token_id` per image placeholder
     attention_mask  bool [B, L]
     labels          long [B, L]   -100 except assistant answer tokens (all -100 for grounding)

@@ -17,7 +17,6 @@ from ps3.vila_hd.conversations import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
     BadSample,
-    build_conversation_loader,
     encode_conversation,
     import_llava,
     iter_conversations,
@@ -25,6 +24,7 @@ from ps3.vila_hd.conversations import (
     validate_sample,
     write_conversation_shards,
 )
+from ps3.vila_hd.loader import build_conversation_loader
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
 WORDS = ["[UNK]", "\n", "system", "user", "assistant", "[assistant]", "[user]", "you", "are", "helpful",

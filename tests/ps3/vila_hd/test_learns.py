@@ -12,7 +12,7 @@ import torch
 
 from ps3.data.synth import SynthConfig
 from ps3.model import PS3VisionEncoder, get_preset
-from ps3.vila_hd.conversations import build_conversation_loader
+from ps3.vila_hd.loader import build_conversation_loader
 from ps3.vila_hd.evaluate import answer_letters, letter_ids
 from ps3.vila_hd.llm import build_tiny_llm, load_llm
 from ps3.vila_hd.model import Selection, VilaHD
