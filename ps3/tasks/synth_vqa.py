@@ -40,6 +40,8 @@ class SynthVqaParams(TaskParams):
         (0.042, 0.05), description="Range of a sign's side over the scene's long side. The tiny preset's top "
                                    "scale (256 px) shows a 0.045 sign in 12 px, under two patches: 0.08-0.1 "
                                    "puts its dot in a patch of its own.")
+    signs: tuple[int, int] = Field((3, 4), description="Range of signs per scene (each of its own colour up to "
+                                                       "four); 1 makes the named sign the only one.")
     samples_per_shard: int = Field(100, ge=1, description="Samples per tar shard.")
     shuffle_options: bool = Field(True, description="Options in a shuffled order per question (false: one "
                                                     "fixed order, so a letter names an answer).")
@@ -55,6 +57,15 @@ class SynthVqaParams(TaskParams):
         low, high = value
         if not 256 <= low <= high:
             raise ValueError(f"must be [low, high] with 256 <= low <= high, got {list(value)}")
+        return value
+
+    @field_validator("signs")
+    @classmethod
+    def _sign_count(cls, value: tuple[int, int]) -> tuple[int, int]:
+        """A question names its sign by a colour no other sign has: at most four signs."""
+        low, high = value
+        if not 1 <= low <= high <= 4:
+            raise ValueError(f"must be [low, high] with 1 <= low <= high <= 4, got {list(value)}")
         return value
 
     @field_validator("sign_fraction")
@@ -93,7 +104,8 @@ def build(ctx: RunContext) -> TaskState:
             fs.rm(f"{path}/{DONE_NAME}")
         counts = generate_vqa(out, train=params.train_samples, eval=params.eval_samples,
                               grounding=params.grounding_samples, seed=params.seed,
-                              cfg=SynthConfig(scene_size=params.scene_size, sign_fraction=params.sign_fraction),
+                              cfg=SynthConfig(scene_size=params.scene_size, sign_fraction=params.sign_fraction,
+                                              signs=params.signs),
                               samples_per_shard=params.samples_per_shard,
                               shuffle_options=params.shuffle_options, question=params.question)
         ctx.log.info("wrote synthetic VQA sources %s and %s/texts.txt", counts, out)

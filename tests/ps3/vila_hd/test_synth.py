@@ -205,7 +205,7 @@ def test_task_writes_once_and_skips_finished_work(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("bad", [{"sceneSize": [512, 300]}, {"sceneSize": [100, 300]}, {"trainSamples": 0},
-                                 {"signFraction": [0.3, 0.4]}, {"question": "size"},
+                                 {"signFraction": [0.3, 0.4]}, {"question": "size"}, {"signs": [2, 5]},
                                  {"evalSample": 3}])
 def test_task_rejects_bad_params_naming_the_field(tmp_path, bad):
     from ps3.tasks import synth_vqa
