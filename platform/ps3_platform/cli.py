@@ -138,7 +138,7 @@ def cmd_submit(args) -> int:
     if backend_name == "kubernetes":
         objects = _compile(loaded, pools, args.namespace)
         _print_cluster_warnings(loaded.job)
-    result = backend.submit(loaded.job, objects, replace=args.replace)
+    result = backend.submit(loaded.job, objects, replace=args.replace, delete_checkpoints=args.delete_checkpoints)
     print(result.message)
     if args.wait:
         code = backend.wait(loaded.job.metadata.name, follow=not args.quiet)
@@ -229,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="run a spec on the cluster or locally")
     _spec_options(p)
     _cluster_options(p)
-    p.add_argument("--replace", action="store_true", help="replace a job of the same name whose spec changed")
+    p.add_argument("--replace", action="store_true",
+                   help="replace a job of the same name whose spec changed (its local checkpoints are kept aside)")
+    p.add_argument("--delete-checkpoints", action="store_true",
+                   help="with --replace: delete the replaced local run's checkpoints (listed) instead of keeping them")
     p.add_argument("--allow-spec-change", action="store_true",
                    help="let workers resume from checkpoints written under a different spec")
     p.add_argument("--wait", action="store_true", help="follow progress until the job ends")

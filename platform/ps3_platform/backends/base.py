@@ -75,9 +75,11 @@ class Backend(ABC):
 
     name: str = "abstract"
 
-    def submit(self, job: JobSpec, objects: list[dict], *, replace: bool = False) -> SubmitResult:
-        """Create the job (idempotent: the same spec again is 'unchanged', a changed one needs replace)."""
-        return self._submit(job, objects, replace=replace)
+    def submit(self, job: JobSpec, objects: list[dict], *, replace: bool = False,
+               delete_checkpoints: bool = False) -> SubmitResult:
+        """Create the job (idempotent: the same spec again is 'unchanged', or resumes a Cancelled or
+        Failed local run; a changed one needs replace). Checkpoints are deleted only on request."""
+        return self._submit(job, objects, replace=replace, delete_checkpoints=delete_checkpoints)
 
     def status(self, name: str) -> JobStatus:
         return self._status(name)
@@ -97,7 +99,8 @@ class Backend(ABC):
         return self._wait(name, follow=follow, poll_s=poll_s)
 
     @abstractmethod
-    def _submit(self, job: JobSpec, objects: list[dict], *, replace: bool) -> SubmitResult: ...
+    def _submit(self, job: JobSpec, objects: list[dict], *, replace: bool,
+                delete_checkpoints: bool = False) -> SubmitResult: ...
 
     @abstractmethod
     def _status(self, name: str) -> JobStatus: ...

@@ -91,6 +91,12 @@ def _last_jsonl(path: Path) -> dict:
     return last
 
 
+def _committed_step(stage_dir: Path) -> int | None:
+    """The newest committed step of a stage's checkpoints in a run directory (a manifest marks one)."""
+    steps = [int(p.parent.name.split("-")[1]) for p in stage_dir.glob("step-*/manifest.json")]
+    return max(steps, default=None)
+
+
 class LocalBackend(Backend):
     name = "local"
 
@@ -101,19 +107,26 @@ class LocalBackend(Backend):
         return self.runs / name
 
     # ---- submit -------------------------------------------------------------------------
-    def _submit(self, job: JobSpec, objects: list[dict], *, replace: bool) -> SubmitResult:
+    def _submit(self, job: JobSpec, objects: list[dict], *, replace: bool,
+                delete_checkpoints: bool = False) -> SubmitResult:
         name = job.metadata.name
         run_dir = self.run_dir(name)
         spec_text = yaml.safe_dump(resolved(job), sort_keys=True)
         digest = hashlib.sha256(spec_text.encode()).hexdigest()[:16]
+        if delete_checkpoints and not replace:
+            raise BackendError("--delete-checkpoints goes with --replace (it deletes the replaced run's checkpoints)")
+        kept = ""
         if (run_dir / "state.json").exists():
             state = json.loads((run_dir / "state.json").read_text())
             if state.get("spec_hash") == digest and not replace:
+                if state.get("phase") in ("Cancelled", "Failed"):
+                    return self._resume(run_dir, state)
                 return SubmitResult(name, False, f"job {name!r} already exists, unchanged (local run {run_dir})")
             if not replace:
                 raise BackendError(f"job {name!r} exists with a different spec; use --replace or cancel it first")
             if state.get("phase") not in TERMINAL_PHASES:
                 self._cancel(name)
+            kept = self._set_checkpoints_aside(run_dir, delete=delete_checkpoints)
             shutil.rmtree(run_dir)
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         (run_dir / "spec.yaml").write_text(spec_text)
@@ -123,7 +136,46 @@ class LocalBackend(Backend):
                  "spec_hash": digest, "stages": stages, "order": list(stages)}
         (run_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
         self._start_supervisor(run_dir)
-        return SubmitResult(name, True, f"job {name!r} submitted to the local backend (run directory {run_dir})")
+        return SubmitResult(name, True, f"job {name!r} submitted to the local backend (run directory {run_dir}){kept}")
+
+    def _resume(self, run_dir: Path, state: dict) -> SubmitResult:
+        """Start a Cancelled or Failed run again in place: its Succeeded stages stay done, the others
+        resume from their newest committed checkpoint (the runtime finds it)."""
+        name, was = state["name"], state["phase"]
+        where = []
+        for stage_name in state["order"]:
+            entry = state["stages"][stage_name]
+            if entry.get("phase") == "Succeeded":
+                continue
+            step = _committed_step(run_dir / "checkpoints" / name / stage_name)  # the default location
+            where.append(f"{stage_name} from step {step}" if step is not None
+                         else f"{stage_name} from its newest committed checkpoint, if any")
+            state["stages"][stage_name] = {k: v for k, v in entry.items() if k in ("task", "total_steps")} | {
+                "phase": "Pending"}
+        state.update(phase="Pending", resumed=state.get("resumed", 0) + 1)
+        state.pop("finished", None)
+        tmp = run_dir / "state.tmp"
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+        tmp.replace(run_dir / "state.json")
+        self._start_supervisor(run_dir)
+        return SubmitResult(name, True, f"job {name!r} was {was}; resuming it in place: {', '.join(where)} "
+                                        f"(local run {run_dir})")
+
+    def _set_checkpoints_aside(self, run_dir: Path, *, delete: bool) -> str:
+        """The replaced run's checkpoints (the default location, inside its run directory) are
+        moved beside it, or deleted when asked, listing them: replacing never loses them silently."""
+        ckpt = run_dir / "checkpoints"
+        steps = sorted(str(p.relative_to(ckpt)) for p in ckpt.glob("*/*/step-*")) if ckpt.is_dir() else []
+        if not steps:
+            return ""
+        if delete:
+            shutil.rmtree(ckpt)
+            return "; deleted the replaced run's checkpoints: " + ", ".join(steps)
+        aside = run_dir.parent / f"{run_dir.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"
+        aside.mkdir(parents=True)
+        shutil.move(str(ckpt), str(aside / "checkpoints"))
+        return (f"; the replaced run's checkpoints ({len(steps)} steps) are kept in {aside / 'checkpoints'} "
+                f"(--delete-checkpoints deletes them instead)")
 
     def _start_supervisor(self, run_dir: Path) -> None:
         log = (run_dir / "supervisor.log").open("ab")

@@ -71,6 +71,8 @@ class Supervisor:
         job = load_text((self.run_dir / "spec.yaml").read_text(), str(self.run_dir / "spec.yaml")).job
         self._set_job("Running")
         for stage in stages_of(job):
+            if self.state.stage(stage.name)["phase"] == "Succeeded":
+                continue  # a resumed run: done before it was cancelled or failed
             if self.cancelled:
                 self._set_stage(stage.name, "Cancelled")
                 continue

@@ -22,6 +22,10 @@ from .models import JobSpec, Pipeline, TrainingJob
 
 Position = tuple[int, int]  # 1-based line, column
 
+#: Bounds a hostile file cannot pass: a spec is a few hundred values, a dozen levels deep.
+MAX_DEPTH = 64
+MAX_VALUES = 100_000  # after alias expansion: a 400-byte "billion laughs" stops here, at once
+
 
 @dataclass(frozen=True)
 class SpecIssue:
@@ -59,10 +63,29 @@ class LoadedSpec:
         return SpecIssue(self.file, line, col, dotted(path), message)
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe composer with a nesting limit: its recursion would otherwise end in a
+    RecursionError (a traceback) on a deeply nested file."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def _compose(text: str, file: str) -> tuple[Any, dict[tuple, Position]]:
     """Parse YAML into plain data and a map from key path to the key's position."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_BoundedLoader)
     except yaml.YAMLError as exc:
         # The context mark is where the unclosed construct started, which is where to look.
         mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
@@ -73,8 +96,14 @@ def _compose(text: str, file: str) -> tuple[Any, dict[tuple, Position]]:
         raise SpecError([SpecIssue(file, 1, 1, "", "the file is empty: expected a job spec")])
     positions: dict[tuple, Position] = {(): (node.start_mark.line + 1, node.start_mark.column + 1)}
     scalars = yaml.SafeLoader("")  # resolves scalar nodes to Python values (ints, bools, ...)
+    budget = [MAX_VALUES]  # aliases are expanded here: count what they expand to
 
     def walk(n: yaml.Node, path: tuple) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            mark = n.start_mark
+            raise SpecError([SpecIssue(file, mark.line + 1, mark.column + 1, dotted(path),
+                                       f"the YAML expands to more than {MAX_VALUES} values (nested aliases?)")])
         if isinstance(n, yaml.MappingNode):
             out = {}
             for key_node, value_node in n.value:
@@ -127,7 +156,11 @@ def apply_overrides(data: dict, overrides: list[str], positions: dict[tuple, Pos
             if not isinstance(target, dict):
                 raise SpecError([SpecIssue("--set", 1, 1, key, f"{dotted(tuple(parts[: i + 1]))} is not a mapping")])
             target = target.setdefault(part, {})
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.load(raw, Loader=_BoundedLoader) if raw else ""
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise SpecError([SpecIssue("--set", 1, 1, key, f"value {raw!r} is not valid YAML: {problem}")]) from None
         if isinstance(target, list) and isinstance(parts[-1], int) and parts[-1] < len(target):
             target[parts[-1]] = value
         elif isinstance(target, dict):
@@ -242,10 +275,21 @@ def load(path: str | Path, overrides: list[str] | None = None) -> LoadedSpec:
     """Read and validate a spec file (no pool checks: see `validate.check_against_pools`)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
         raise SpecError([SpecIssue(str(path), 1, 1, "", f"cannot read spec: {exc.strerror}")]) from None
-    return load_text(text, str(path), overrides)
+    return load_text(decode_spec(data, str(path)), str(path), overrides)
+
+
+def decode_spec(data: bytes, file: str) -> str:
+    """UTF-8 text of a spec file, or a SpecError at the first byte that is not."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise SpecError([SpecIssue(file, line, col, "", f"not UTF-8: byte 0x{data[exc.start]:02x} "
+                                                        "(save the spec as UTF-8)")]) from None
 
 
 def resolved(job: JobSpec) -> dict:

@@ -69,6 +69,46 @@ def test_changed_spec_needs_replace(platform_home):
     assert backend.submit(_job(steps=3), [], replace=True).created
 
 
+def _committed(run_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in run_dir.glob("checkpoints/toy/train/step-*/manifest.json"))
+
+
+def test_resubmitting_a_cancelled_job_resumes_it_from_its_committed_checkpoint(platform_home):
+    backend = LocalBackend()
+    backend.submit(_job(steps=60, step_seconds=0.05), [])
+    run_dir = backend.run_dir("toy")
+    _wait_for(lambda: _committed(run_dir), what="a committed checkpoint")
+    backend.cancel("toy")
+    saved = _committed(run_dir)[-1]
+    assert backend.status("toy").phase == "Cancelled" and saved < 60
+    result = backend.submit(_job(steps=60, step_seconds=0.05), [])
+    assert result.created and result.message.startswith(f"job 'toy' was Cancelled; resuming it in place: train from step {saved}")
+    assert backend.wait("toy", follow=False, poll_s=0.5) == 0
+    assert backend.status("toy").stages[0].step == 60
+    logs = "".join(backend.logs("toy", rank=0))
+    assert f"resumed from step {saved}" in logs
+
+
+def test_replace_never_deletes_checkpoints_unless_asked_and_lists_them(platform_home):
+    backend = LocalBackend()
+    backend.submit(_job(steps=5), [])
+    assert backend.wait("toy", follow=False, poll_s=0.5) == 0
+    run_dir = backend.run_dir("toy")
+    assert _committed(run_dir) == [5]
+    result = backend.submit(_job(steps=6), [], replace=True)
+    aside = next(platform_home.glob("runs/toy.replaced-*"))
+    assert f"checkpoints (1 steps) are kept in {aside / 'checkpoints'}" in result.message
+    assert (aside / "checkpoints/toy/train/step-000000005/manifest.json").exists()
+    assert backend.wait("toy", follow=False, poll_s=0.5) == 0
+    from ps3_platform.backends.base import BackendError
+
+    with pytest.raises(BackendError, match="goes with --replace"):
+        backend.submit(_job(steps=6), [], delete_checkpoints=True)
+    result = backend.submit(_job(steps=7), [], replace=True, delete_checkpoints=True)
+    assert "deleted the replaced run's checkpoints: toy/train/step-000000005, toy/train/step-000000006" in result.message
+    assert backend.wait("toy", follow=False, poll_s=0.5) == 0
+
+
 def test_sigkilled_worker_is_restarted_and_job_succeeds(platform_home):
     backend = LocalBackend()
     backend.submit(_job(steps=40, step_seconds=0.05), [])

@@ -107,3 +107,43 @@ def test_validate_command_accepts_good_spec(tmp_path, capsys):
     path.write_text(JOB)
     assert main(["validate", str(path)]) == 0
     assert "valid TrainingJob 'demo'" in capsys.readouterr().out
+
+
+# ---- hostile files: bounded, one positioned line each, fast --------------------------------
+BOMB = "\n".join(['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]'] + [
+    f"{c}: &{c} [{','.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")])
+
+
+def _validate(tmp_path, capsys, content: bytes, *extra: str) -> list[str]:
+    import time
+
+    spec = tmp_path / "hostile.yaml"
+    spec.write_bytes(content)
+    start = time.monotonic()
+    assert main(["validate", str(spec), *extra]) == 2
+    assert time.monotonic() - start < 1.0
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def test_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    assert len(BOMB) < 500
+    (err,) = _validate(tmp_path, capsys, BOMB.encode())
+    assert err.startswith(f"{tmp_path / 'hostile.yaml'}:") and "expands to more than 100000 values" in err
+
+
+def test_non_utf8_byte_is_located(tmp_path, capsys):
+    (err,) = _validate(tmp_path, capsys, JOB.encode().replace(b"task: noop", b"task: no\xffop"))
+    line = next(i for i, text in enumerate(JOB.splitlines(), 1) if "task: noop" in text)
+    col = JOB.splitlines()[line - 1].index("noop") + 3
+    assert err == f"{tmp_path / 'hostile.yaml'}:{line}:{col}: not UTF-8: byte 0xff (save the spec as UTF-8)"
+
+
+def test_deep_nesting_is_refused_with_a_position(tmp_path, capsys):
+    (err,) = _validate(tmp_path, capsys, b"spec: " + b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    assert err.startswith(f"{tmp_path / 'hostile.yaml'}:1:") and "nested deeper than 64 levels" in err
+
+
+@pytest.mark.parametrize("value", ["[1, 2", "{a: ", "&x [*y]", "'open"])
+def test_bad_set_value_is_one_line(tmp_path, capsys, value):
+    (err,) = _validate(tmp_path, capsys, JOB.encode(), "--set", f"spec.train.steps={value}")
+    assert err.startswith("--set:1:1: spec.train.steps: value ") and "is not valid YAML" in err

@@ -93,7 +93,12 @@ class KubernetesBackend(Backend):
         return load_pools(path) if path else self.fetch_pools()
 
     # ---- submit -----------------------------------------------------------------------
-    def _submit(self, job: JobSpec, objects: list[dict], *, replace: bool) -> SubmitResult:
+    def _submit(self, job: JobSpec, objects: list[dict], *, replace: bool,
+                delete_checkpoints: bool = False) -> SubmitResult:
+        # Checkpoints live in object storage, never in the cluster objects replace deletes.
+        if delete_checkpoints:
+            raise BackendError("--delete-checkpoints is for local runs: a cluster job's checkpoints are in its "
+                               "checkpoint URI; delete them there")
         name = job.metadata.name
         if not objects:
             raise BackendError(f"job {name!r}: nothing to submit (compile the spec for the kubernetes backend first)")
