@@ -24,9 +24,9 @@ def run_data_command(args: argparse.Namespace) -> int:
         return 1
     if args.output == "json":
         print(json.dumps(report, indent=2, sort_keys=True))
-        return 0
-    _print_report(args.data_command, args.uri, report)
-    if args.data_command == "check":
+    else:
+        _print_report(args.data_command, args.uri, report)
+    if args.data_command == "check":  # one exit code for both forms: scripts read it
         return 0 if not report.get("bad") and not report.get("missing_shards") else 1
     return 0
 
@@ -39,9 +39,14 @@ def _print_report(action: str, uri: str, report: dict) -> None:
         bad_text = ", ".join(f"{k}={v}" for k, v in sorted(bad.items())) if isinstance(bad, dict) else str(bad)
         table.add_row(shard["name"], str(shard.get("samples", "-")), str(shard.get("boxes", "-")),
                       str(shard.get("global_captions", "-")), bad_text or "0", shard.get("error") or "")
+    for name in report.get("missing_shards", []):
+        table.add_row(name, "-", "-", "-", "-", "missing")
     console.print(table)
     totals = {k: report.get(k) for k in ("samples", "ok", "boxes", "global_captions") if k in report}
     console.print("total: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
+    if report.get("missing_shards"):
+        console.print("missing shards (index.json lists them, storage lacks them): "
+                      + ", ".join(report["missing_shards"]), soft_wrap=True)
     if report.get("bad"):
         console.print("bad records: " + ", ".join(f"{k}={v}" for k, v in sorted(report["bad"].items())))
 

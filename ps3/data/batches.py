@@ -110,7 +110,7 @@ class MicroBatchMaker:
 
     def _count(self, exc: BadSample, index: SourceIndex) -> None:
         self.bad[exc.reason] += 1
-        where = f"{index.uri}#{exc.key}"
+        where = f"{getattr(exc, 'shard', index.uri)}#{exc.key}"
         if where not in _logged_keys and len(_logged_keys) < MAX_LOGGED_KEYS:
             _logged_keys.add(where)
             log.warning("skipping bad sample %s: %s", where, exc)
@@ -120,6 +120,13 @@ class MicroBatchMaker:
             shard_path, entry = index.locate(idx)
         except (OSError, IndexError) as exc:
             raise BadSample("read_error", f"sample{idx}", f"{type(exc).__name__}: {exc}") from None
+        try:
+            return self._pair_from(slot, index, idx, shard_path, entry)
+        except BadSample as exc:
+            exc.shard = shard_path  # the skip line names the shard to look in
+            raise
+
+    def _pair_from(self, slot: Slot, index: SourceIndex, idx: int, shard_path: str, entry) -> Pair:
         image, raw = read_sample_bytes(index.fs, shard_path, entry)
         record, dec = decode_sample(entry.key, image, raw, self.views.decode_size)
         if slot.is_global:

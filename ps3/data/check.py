@@ -16,7 +16,7 @@ from .decode import decode_sample
 from .fs import filesystem
 from .index import INDEX_NAME, DataSourceError
 from .records import BadSample
-from .shards import scan_tar
+from .shards import require_members, scan_tar
 
 MAX_KEYS_PER_REASON = 5  # a report names a few bad keys per reason, not millions
 
@@ -73,10 +73,9 @@ def check_shard(fs, shard_path: str) -> dict:
     for entry in scan.samples:
         result["samples"] += 1
         try:
-            if entry.image is None:
-                raise BadSample("missing_image", entry.key)
+            require_members(entry)
             image = data[entry.image[0]: entry.image[0] + entry.image[1]]
-            js = data[entry.json[0]: entry.json[0] + entry.json[1]] if entry.json else None
+            js = data[entry.json[0]: entry.json[0] + entry.json[1]]
             record, _ = decode_sample(entry.key, image, js, need=1)
         except BadSample as exc:
             bad[exc.reason] += 1

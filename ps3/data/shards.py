@@ -140,12 +140,17 @@ def _entry(key: str, members: dict) -> SampleEntry:
     return SampleEntry(key, ext, image, js[:2] if js else None, boxes, has_global)
 
 
-def read_sample_bytes(fs, path: str, entry: SampleEntry) -> tuple[bytes, bytes]:
-    """(image bytes, json bytes) of one sample with a single ranged read."""
+def require_members(entry: SampleEntry) -> None:
+    """The one classification of an incomplete sample, for the loader and `data check` alike."""
     if entry.json is None:
         raise BadSample("missing_json", entry.key)
     if entry.image is None:
         raise BadSample("missing_image", entry.key)
+
+
+def read_sample_bytes(fs, path: str, entry: SampleEntry) -> tuple[bytes, bytes]:
+    """(image bytes, json bytes) of one sample with a single ranged read."""
+    require_members(entry)
     start = min(entry.image[0], entry.json[0])
     end = max(entry.image[0] + entry.image[1], entry.json[0] + entry.json[1])
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from ps3.data.check import check_source
 from ps3.data.fs import filesystem
 
@@ -60,3 +62,41 @@ def test_check_missing_shard_listed_in_index(tmp_path):
     fs.rm(f"{path}/shard-000001.tar")
     report = check_source(uri)
     assert report["missing_shards"] == ["shard-000001.tar"] and report["index"] == "stale"
+
+
+def test_check_missing_shard_is_in_the_table_and_both_forms_exit_1(tmp_path, capsys):
+    from ps3_platform.cli import main
+
+    uri = f"file://{tmp_path}/src"
+    write_source(uri, 8, per_shard=4)
+    fs, path = filesystem(uri)
+    fs.rm(f"{path}/shard-000001.tar")
+    assert main(["data", "check", uri]) == 1
+    out = capsys.readouterr().out
+    assert "missing" in next(line for line in out.splitlines() if "shard-000001.tar" in line)
+    assert "missing shards (index.json lists them, storage lacks them): shard-000001.tar" in out
+    assert main(["data", "check", uri, "-o", "json"]) == 1
+    assert json.loads(capsys.readouterr().out)["missing_shards"] == ["shard-000001.tar"]
+
+
+def test_check_classifies_a_lost_member_as_the_loader_does(tmp_path):
+    from ps3.data.index import SourceIndex, build_index
+    from ps3.data.records import BadSample
+    from ps3.data.shards import read_sample_bytes
+
+    uri = f"file://{tmp_path}/src"
+    write_source(uri, 4, per_shard=4)
+    fs, path = filesystem(uri)
+    corrupt_header(fs, f"{path}/shard-000000.tar", b"s00001.json")
+    fs.rm(f"{path}/shard-000000.tar.idx.json")
+    assert check_source(uri)["bad"] == {"missing_json": 1}
+    build_index(uri)
+    index = SourceIndex.open(uri)
+    reasons = []
+    for i in range(len(index)):
+        shard, entry = index.locate(i)
+        try:
+            read_sample_bytes(index.fs, shard, entry)
+        except BadSample as exc:
+            reasons.append(exc.reason)
+    assert reasons == ["missing_json"]

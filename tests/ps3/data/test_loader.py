@@ -200,6 +200,7 @@ def test_bad_sample_key_logged_once(tmp_path, caplog):
     assert len(logged) == len(set(logged)) == len(BAD_CASES)
     assert sum(loader.bad_sample_counts().values()) > len(BAD_CASES)
     assert any("b_box" in m and "bad_box" in m for m in logged)
+    assert all(f"{tmp_path}/bad/shard-" in m and ".tar#" in m for m in logged)  # the shard to look in
 
 
 def test_shard_truncated_after_start_gives_read_errors(tmp_path):
