@@ -258,7 +258,9 @@ class Trainer:
                     m.get("ps3_data_bad_samples_total", reason=reason).inc(new)
                     self._bad_reported[reason] = count
         if self.world.is_main and (step % self.ctx.stage.monitoring.log_every_steps == 0 or step == self.total_steps):
-            record = {"step": step, "total": self.total_steps, "loss": round(stats.loss, 6), "lr": lr,
+            # attempt: resumes so far, so a step recomputed after a restart is told from its first run
+            record = {"step": step, "attempt": self.counters.resumes, "total": self.total_steps,
+                      "loss": round(stats.loss, 6), "lr": lr,
                       "grad_norm": round(stats.grad_norm, 4), "samples": self.counters.samples,
                       "samples_per_s": round(samples_per_s, 3), "step_seconds": round(stats.seconds, 4),
                       "data_wait_s": round(stats.data_wait, 4), "tokens_per_s": round(tokens_per_s, 1),

@@ -91,6 +91,22 @@ def test_changed_spec_is_refused_unless_allowed(tmp_path):
     assert resumed.counters.step == 8 and resumed.counters.spec_hash == "new"
 
 
+def test_replayed_steps_carry_their_attempt(tmp_path):
+    import json
+
+    import shutil
+
+    _trainer(tmp_path, steps=6).train()  # checkpoints at step 4 (interval) and 6 (end)
+
+    shutil.rmtree(next((tmp_path / "ckpt" / "unit" / "train").glob("step-000000006")))
+    again = _trainer(tmp_path, steps=6)
+    again.resume()
+    again.train()  # steps 5 and 6 again, from step 4's checkpoint
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [(r["step"], r["attempt"]) for r in records if "loss" in r]
+    assert steps == [(6, 0), (6, 1)]  # the last step is always logged
+
+
 def test_gradients_are_clipped_to_the_spec_norm(tmp_path):
     trainer = _trainer(tmp_path, checkpoint=False)  # train.gradClip defaults to 1.0
     model = trainer.task.model
