@@ -91,6 +91,20 @@ def _last_jsonl(path: Path) -> dict:
     return last
 
 
+def _last_event(path: Path) -> dict:
+    """The record a stage's rank 0 writes when it ends: {"event", "step", "committed"}."""
+    last: dict = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "event" in record:
+                last = record
+    return last
+
+
 def _committed_step(stage_dir: Path) -> int | None:
     """The newest committed step of a stage's checkpoints in a run directory (a manifest marks one)."""
     steps = [int(p.parent.name.split("-")[1]) for p in stage_dir.glob("step-*/manifest.json")]
@@ -282,6 +296,7 @@ class LocalBackend(Backend):
         pgid = state.get("pgid")
         if state["phase"] in TERMINAL_PHASES and not _group_alive(pgid):
             return f"job {name!r} already {state['phase'].lower()}"
+        started_before = time.time()
         if _group_alive(pgid):
             os.killpg(pgid, signal.SIGTERM)  # workers checkpoint and exit; supervisor records Cancelled
             deadline = time.time() + grace_s
@@ -299,7 +314,23 @@ class LocalBackend(Backend):
                 if entry["phase"] in ("Pending", "Running"):
                     entry["phase"] = "Cancelled"
             (self.run_dir(name) / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-        return f"job {name!r} cancelled; no process left running"
+        saved = [self._what_was_saved(name, stage, started_before)
+                 for stage, entry in state["stages"].items() if entry.get("phase") == "Cancelled"
+                 and entry.get("started")]
+        return f"job {name!r} cancelled; " + "".join(f"{line}; " for line in saved if line) + "no process left running"
+
+    def _what_was_saved(self, name: str, stage: str, cancelled_at: float) -> str:
+        """One clause on a stopped stage: its step and the checkpoint a resume starts from."""
+        event = _last_event(self.run_dir(name) / stage / "metrics.jsonl")
+        if not event or event.get("time", cancelled_at) < cancelled_at:
+            return f"stage {stage} stopped without reporting its last checkpoint (killed after the grace period?)"
+        step, committed = event.get("step"), event.get("committed")
+        if committed is None:
+            return f"stage {stage} stopped at step {step} with no committed checkpoint: a resume starts it afresh"
+        if committed >= step:
+            return f"stage {stage} stopped at step {step}, checkpoint committed"
+        return (f"stage {stage} stopped at step {step} but its final save did NOT commit: the last committed "
+                f"checkpoint is step {committed} (steps {committed + 1}-{step} are recomputed on resume)")
 
     def _wait(self, name: str, *, follow: bool, poll_s: float) -> int:
         try:

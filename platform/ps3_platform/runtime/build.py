@@ -120,16 +120,20 @@ def run_stage(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, log
                 raise RunSetupError(str(exc)) from None
             return "completed"
         jsonl = JsonlLog(run_dir / "metrics.jsonl" if world.is_main else None)
-        trainer = Trainer(ctx, task, world, _checkpointer(job, stage, world, metrics, run_dir),
-                          spec_hash=spec_hash, allow_spec_change=allow_spec_change, stop=stop, log=jsonl)
+        checkpointer = _checkpointer(job, stage, world, metrics, run_dir)
+        trainer = Trainer(ctx, task, world, checkpointer, spec_hash=spec_hash, allow_spec_change=allow_spec_change,
+                          stop=stop, log=jsonl)
+        outcome = "failed"
         try:
             outcome = trainer.train()
+            if outcome == "completed" and task.evaluate is not None:
+                task.evaluate()
         except SpecChangedError as exc:
             raise RunSetupError(str(exc)) from None
-        if outcome == "completed" and task.evaluate is not None:
-            task.evaluate()
-        jsonl.write({"event": outcome, "step": trainer.counters.step})
-        jsonl.close()
+        finally:  # whatever happened: the step reached and the step a resume starts from (`cancel` says both)
+            committed = checkpointer.committed_step if checkpointer is not None else None
+            jsonl.write({"event": outcome, "step": trainer.counters.step, "committed": committed})
+            jsonl.close()
         return outcome
     finally:
         shutdown_distributed()

@@ -296,6 +296,7 @@ class Checkpointer:
         self._error: BaseException | None = None
         self._error_step: int | None = None
         self._seen_steps: set[int] = set()
+        self.committed_step: int | None = None  # newest step this run loaded or committed (what a stop keeps)
         self._group: Any = None  # gloo group for DCP in the background thread (async, multi-rank)
         self._stager = _HostStager()
         self._remove_stale_staging()
@@ -382,6 +383,7 @@ class Checkpointer:
         if self.metrics is not None:
             self.metrics.get("ps3_checkpoint_load_bytes").set(sum(int(f["size"]) for f in manifest["files"].values()))
         log.info("loaded checkpoint %s", self.location.url_of(name))
+        self.committed_step = chosen
         return chosen, rank_state
 
     def _for_source(self, url: str) -> tuple[Checkpointer, int | None]:
@@ -512,6 +514,7 @@ class Checkpointer:
             self.metrics.checkpoint_committed(time.time(), nbytes)
         log.info("checkpoint step %d committed (%.1f MB from rank %d, upload %.1fs)",
                  staged.step, nbytes / 1e6, self.rank, seconds)
+        self.committed_step = max(staged.step, self.committed_step or 0)
         if self.rank == 0:
             self._retain_quietly()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -130,12 +131,30 @@ def test_cancel_leaves_no_process_behind(platform_home):
     worker_pids = [int((run_dir / "train" / f"rank-{r}.pid").read_text()) for r in (0, 1)]
     pgid = json.loads((run_dir / "state.json").read_text())["pgid"]
     message = backend.cancel("toy")
-    assert "no process left running" in message
+    assert re.fullmatch(r"job 'toy' cancelled; stage train stopped at step \d+, checkpoint committed; "
+                        r"no process left running", message), message
     assert not _group_alive(pgid)
     for pid in worker_pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert backend.status("toy").phase == "Cancelled"
+
+
+@pytest.mark.parametrize("event, said", [
+    ({"event": "preempted", "step": 25, "committed": 20},
+     "stage train stopped at step 25 but its final save did NOT commit: the last committed checkpoint is step 20 "
+     "(steps 21-25 are recomputed on resume)"),
+    ({"event": "preempted", "step": 3, "committed": None},
+     "stage train stopped at step 3 with no committed checkpoint: a resume starts it afresh"),
+    ({"event": "completed", "step": 9, "committed": 9, "time": 0.0},  # an earlier attempt's: not this stop
+     "stage train stopped without reporting its last checkpoint (killed after the grace period?)"),
+])
+def test_cancel_says_what_a_stopped_stage_kept(platform_home, event, said):
+    backend = LocalBackend()
+    stage_dir = backend.run_dir("toy") / "train"
+    stage_dir.mkdir(parents=True)
+    (stage_dir / "metrics.jsonl").write_text(json.dumps({"time": time.time() + 1, **event}) + "\n")
+    assert backend._what_was_saved("toy", "train", time.time()) == said
 
 
 def test_unknown_job_is_a_one_line_error(platform_home, capsys):
