@@ -38,6 +38,8 @@ def progress_line(status: JobStatus) -> str:
             failed = sum(stage.failures.values())
             parts.append(f"{stage.name} {stage.step}/{stage.total_steps} images {_fmt(stage.samples_per_s, '.2f')} "
                          f"images/s ETA {_eta(stage.eta_s)}" + (f" ({failed} skipped)" if failed else ""))
+        elif stage.phase == "Running" and stage.message.startswith("stalled"):
+            parts.append(f"{stage.name} {stage.message}")
         elif stage.phase == "Running" and stage.step is not None:
             parts.append(f"{stage.name} step {stage.step}/{stage.total_steps} loss {_fmt(stage.loss, '.4f')} "
                          f"{_fmt(stage.samples_per_s, '.1f')} samples/s ETA {_eta(stage.eta_s)}")
@@ -54,9 +56,13 @@ def print_status(status: JobStatus, console: Console | None = None) -> None:
         step = f"{s.step}/{s.total_steps}" if s.step is not None else f"-/{_fmt(s.total_steps)}"
         if s.unit == "images":
             step += " images"
-        table.add_row(s.name, s.phase, step, _fmt(s.loss, ".4f"), _fmt(s.samples_per_s, ".1f"), _eta(s.eta_s),
+        phase = "Running (stalled)" if s.phase == "Running" and s.message.startswith("stalled") else s.phase
+        table.add_row(s.name, phase, step, _fmt(s.loss, ".4f"), _fmt(s.samples_per_s, ".1f"), _eta(s.eta_s),
                       str(s.restarts))
     console.print(table)
+    for s in status.stages:
+        if s.phase == "Running" and s.message.startswith("stalled"):
+            console.print(f"{s.name}: {s.message}", soft_wrap=True)
     if status.eval:
         print_eval(status.eval, console)
     for stage, summary in status.curation.items():

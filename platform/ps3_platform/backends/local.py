@@ -76,7 +76,8 @@ def _group_alive(pgid: int | None) -> bool:
 
 
 def _last_jsonl(path: Path) -> dict:
-    """Last metrics record of a stage (the runtime appends one every logEverySteps)."""
+    """Last metrics record of a stage (the runtime appends one every logEverySteps), with
+    `cadence`: the seconds between it and the record before (how often records come)."""
     if not path.exists():
         return {}
     last: dict = {}
@@ -87,8 +88,25 @@ def _last_jsonl(path: Path) -> dict:
             except json.JSONDecodeError:
                 continue  # a line being written right now
             if "step" in record and "loss" in record:
+                if last.get("time") and record.get("time"):
+                    record["cadence"] = record["time"] - last["time"]
                 last = record
     return last
+
+
+#: A running stage whose newest step record is older than this many record intervals (and a
+#: minute) is stalled: a frozen step and an ETA would otherwise look like progress.
+STALL_INTERVALS = 5
+STALL_MIN_S = 60.0
+
+
+def _stalled_for(record: dict, now: float) -> float | None:
+    """Seconds since the last step record, when that is long enough to call the stage stalled."""
+    if not record.get("time"):
+        return None
+    age = now - record["time"]
+    expected = max(record.get("cadence") or 0.0, record.get("step_seconds") or 0.0)
+    return age if age > max(STALL_MIN_S, STALL_INTERVALS * expected) else None
 
 
 def _last_event(path: Path) -> dict:
@@ -246,7 +264,10 @@ class LocalBackend(Backend):
             status.samples_per_s = record.get("samples_per_s")
             status.total_steps = record.get("total", status.total_steps)
             status.unit, status.failures = record.get("unit", "steps"), record.get("failures", {})
-            if status.phase == "Running" and record.get("step_seconds"):
+            stalled = _stalled_for(record, time.time()) if status.phase == "Running" else None
+            if stalled is not None:  # no ETA: it would pretend the stage is moving
+                status.message = f"stalled: no step for {int(stalled)} s (last: step {status.step})"
+            elif status.phase == "Running" and record.get("step_seconds"):
                 status.eta_s = round((status.total_steps - status.step) * record["step_seconds"], 1)
         status.restarts = len(list((run_dir / "logs" / name).glob("*/attempt_*"))) - 1 if (
             run_dir / "logs" / name).exists() else 0

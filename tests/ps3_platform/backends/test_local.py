@@ -207,3 +207,28 @@ def test_logs_follow_streams_until_the_job_ends(platform_home):
     status = backend.status("followed")
     assert status.phase == "Succeeded" and status.stages[0].step == 15
     assert status.stages[0].loss is not None and status.stages[0].samples_per_s
+
+
+def test_a_stage_whose_step_stops_advancing_is_stalled_without_eta(platform_home):
+    from ps3_platform.backends.base import JobStatus
+    from ps3_platform.backends.display import progress_line
+
+    backend = LocalBackend()
+    run_dir = backend.run_dir("toy")
+    (run_dir / "train").mkdir(parents=True)
+    now = time.time()
+
+    def stage(ages):
+        records = [{"time": now - age, "step": step, "total": 100, "loss": 1.0, "step_seconds": 0.5}
+                   for step, age in ages]
+        (run_dir / "train" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return backend._stage_status(run_dir, "train", {"phase": "Running", "total_steps": 100})
+
+    moving = stage([(10, 12.0), (20, 7.0)])
+    assert moving.eta_s == 40.0 and not moving.message
+    frozen = stage([(10, 305.0), (20, 300.0)])
+    assert frozen.eta_s is None and frozen.message == "stalled: no step for 300 s (last: step 20)"
+    line = progress_line(JobStatus(name="toy", kind="TrainingJob", backend="local", phase="Running", stages=[frozen]))
+    assert line == "toy: Running | train stalled: no step for 300 s (last: step 20)"
+    slow = stage([(10, 1100.0), (20, 600.0)])  # records every 500 s: 600 s is not yet stalled
+    assert not slow.message
