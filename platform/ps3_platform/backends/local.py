@@ -109,6 +109,21 @@ def _stalled_for(record: dict, now: float) -> float | None:
     return age if age > max(STALL_MIN_S, STALL_INTERVALS * expected) else None
 
 
+def _check_storage(job: JobSpec) -> None:
+    """Every object store the job names (checkpoints, data) is usable from here, or one line
+    says why: the workers would otherwise retry a misconfiguration for their whole budget."""
+    from ps3_platform.runtime.storage import StorageError, check_storage
+
+    uris = set()
+    for stage in stages_of(job):
+        uris |= {stage.checkpoint.uri} | {src.uri for src in [*stage.data.sources, *stage.data.eval_sources]}
+    for uri in sorted(u for u in uris if u):
+        try:
+            check_storage(uri)
+        except StorageError as exc:
+            raise BackendError(f"storage check failed: {exc}") from None
+
+
 def _last_event(path: Path) -> dict:
     """The record a stage's rank 0 writes when it ends: {"event", "step", "committed"}."""
     last: dict = {}
@@ -147,6 +162,7 @@ class LocalBackend(Backend):
         digest = hashlib.sha256(spec_text.encode()).hexdigest()[:16]
         if delete_checkpoints and not replace:
             raise BackendError("--delete-checkpoints goes with --replace (it deletes the replaced run's checkpoints)")
+        _check_storage(job)
         kept = ""
         if (run_dir / "state.json").exists():
             state = json.loads((run_dir / "state.json").read_text())

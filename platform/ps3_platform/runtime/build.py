@@ -19,6 +19,7 @@ from .metrics import JsonlLog, Metrics
 from .optim import build_optimizer, build_scheduler
 from .signals import StopFlag
 from .state import seed_everything
+from .storage import StorageConfigError, StorageError, check_storage
 from .task import RunContext, TaskSetupError, TaskState, UnknownTaskError, resolve_task
 from .trainer import SpecChangedError, Trainer
 
@@ -119,6 +120,12 @@ def run_stage(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, log
             except TaskSetupError as exc:  # found only once running (a data task's inputs): still one line
                 raise RunSetupError(str(exc)) from None
             return "completed"
+        try:  # a misconfigured store fails here in one line, not after the retry budget
+            check_storage(checkpoint_uri(stage, run_dir))
+        except StorageConfigError as exc:
+            raise RunSetupError(str(exc)) from None
+        except StorageError as exc:  # down or silent: maybe an outage, which the retry budget rides out
+            log.warning("%s; continuing with the checkpoint retry budget", exc)
         jsonl = JsonlLog(run_dir / "metrics.jsonl" if world.is_main else None)
         checkpointer = _checkpointer(job, stage, world, metrics, run_dir)
         trainer = Trainer(ctx, task, world, checkpointer, spec_hash=spec_hash, allow_spec_change=allow_spec_change,

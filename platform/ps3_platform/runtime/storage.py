@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (TypeError, ValueError, Attr
 
 class StorageError(RuntimeError):
     """A storage operation kept failing until its retry budget ran out (or failed permanently)."""
+
+
+class StorageConfigError(StorageError):
+    """A store that no retry will make usable: no credentials, no such bucket, access denied."""
 
 
 def storage_options(uri: str, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -176,3 +181,54 @@ def retry(fn: Callable[[], T], *, what: str, deadline: float, policy: RetryPolic
                 on_failure(what, exc, attempt, wait)
             time.sleep(wait)
             delay = min(delay * 2, policy.max_delay_s)
+
+
+def check_storage(url: str, *, timeout_s: float = 10.0, env: dict[str, str] | None = None) -> None:
+    """Fail fast, in one line naming the URL and the fix, when `url`'s object store cannot be used
+    (no credentials, access denied, no such bucket, endpoint unreachable or silent).
+
+    One listing of the bucket with short timeouts, bounded by `timeout_s` even when the store
+    accepts the connection and never answers. Local paths are not checked. Run at submit and
+    at each worker's start: a misconfiguration would otherwise be retried for the whole budget.
+    Raises StorageConfigError for what no retry fixes, StorageError for an endpoint that is
+    down or silent (maybe an outage a worker should ride out).
+    """
+    if "://" not in url or fsspec.utils.get_protocol(url) not in ("s3", "s3a"):
+        return
+    env = os.environ if env is None else env
+    options = storage_options(url, env)
+    options["config_kwargs"] = {"connect_timeout": timeout_s, "read_timeout": timeout_s,
+                                "retries": {"max_attempts": 1}}
+    endpoint = options.get("client_kwargs", {}).get("endpoint_url", "AWS")
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    outcome: dict[str, BaseException | None] = {}
+
+    def probe() -> None:
+        try:
+            fs, _ = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
+            fs.ls(bucket, refresh=True)
+            outcome["error"] = None
+        except BaseException as exc:  # noqa: BLE001 - classified below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=probe, name="ps3-storage-check", daemon=True)
+    thread.start()
+    thread.join(timeout_s + 5.0)
+    if "error" not in outcome:
+        raise StorageError(f"{url}: the S3 endpoint {endpoint} did not answer within {timeout_s:.0f} s "
+                           f"(is the store up? check AWS_ENDPOINT_URL)")
+    error = outcome["error"]
+    if error is None:
+        return
+    name = type(error).__name__
+    if name == "NoCredentialsError":
+        raise StorageConfigError(f"{url}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                           f"(on a cluster, the Secret the spec names)") from None
+    if isinstance(error, FileNotFoundError):
+        raise StorageConfigError(f"{url}: bucket {bucket!r} does not exist at {endpoint}: create it or fix the URI") from None
+    if isinstance(error, PermissionError):
+        raise StorageConfigError(f"{url}: access to bucket {bucket!r} at {endpoint} denied: check the credentials "
+                           f"(AWS_ACCESS_KEY_ID) and their permissions") from None
+    detail = " ".join(str(error).split())[:200]
+    raise StorageError(f"{url}: cannot use the S3 endpoint {endpoint}: {name}: {detail} "
+                       f"(check AWS_ENDPOINT_URL and the network)") from None

@@ -232,3 +232,18 @@ def test_a_stage_whose_step_stops_advancing_is_stalled_without_eta(platform_home
     assert line == "toy: Running | train stalled: no step for 300 s (last: step 20)"
     slow = stage([(10, 1100.0), (20, 600.0)])  # records every 500 s: 600 s is not yet stalled
     assert not slow.message
+
+
+def test_submit_refuses_an_unusable_store_at_once(platform_home, monkeypatch):
+    from ps3_platform.backends.base import BackendError
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # privileged, unused: refused
+    monkeypatch.delenv("FSSPEC_S3_ENDPOINT_URL", raising=False)  # (the shared S3 server's, when it ran first)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    job = load_text(JOB.format(name="toy", steps=3, step_seconds=0).replace(
+        "checkpoint: {intervalSteps: 5}", "checkpoint: {intervalSteps: 5, uri: 's3://ckpt/runs'}")).job
+    start = time.monotonic()
+    with pytest.raises(BackendError, match=r"^storage check failed: s3://ckpt/runs: cannot use the S3 endpoint"):
+        LocalBackend().submit(job, [])
+    assert time.monotonic() - start < 15 and not LocalBackend().run_dir("toy").exists()
