@@ -41,8 +41,10 @@ def progress_line(status: JobStatus) -> str:
         elif stage.phase == "Running" and stage.message.startswith("stalled"):
             parts.append(f"{stage.name} {stage.message}")
         elif stage.phase == "Running" and stage.step is not None:
+            bad = sum(stage.failures.values())
             parts.append(f"{stage.name} step {stage.step}/{stage.total_steps} loss {_fmt(stage.loss, '.4f')} "
-                         f"{_fmt(stage.samples_per_s, '.1f')} samples/s ETA {_eta(stage.eta_s)}")
+                         f"{_fmt(stage.samples_per_s, '.1f')} samples/s ETA {_eta(stage.eta_s)}"
+                         + (f" ({bad} bad samples skipped)" if bad else ""))
         else:
             parts.append(f"{stage.name} {stage.phase}")
     return " | ".join(parts)

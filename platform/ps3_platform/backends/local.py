@@ -279,7 +279,8 @@ class LocalBackend(Backend):
             status.step, status.loss = record["step"], record["loss"]
             status.samples_per_s = record.get("samples_per_s")
             status.total_steps = record.get("total", status.total_steps)
-            status.unit, status.failures = record.get("unit", "steps"), record.get("failures", {})
+            status.unit = record.get("unit", "steps")
+            status.failures = record.get("failures") or record.get("bad_samples") or {}  # data stages; training
             stalled = _stalled_for(record, time.time()) if status.phase == "Running" else None
             if stalled is not None:  # no ETA: it would pretend the stage is moving
                 status.message = f"stalled: no step for {int(stalled)} s (last: step {status.step})"

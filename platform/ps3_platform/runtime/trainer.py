@@ -229,6 +229,19 @@ class Trainer:
             f"(train.nonFinite.policy={policy.policy})"
         )
 
+    def _bad_on_every_rank(self) -> dict[str, int]:
+        """Bad samples skipped so far by all ranks together, by reason (each rank reads its own
+        part of every batch, so rank 0's counts alone undercount)."""
+        if self.world.world_size == 1 or not dist.is_initialized():
+            return dict(self._bad_reported)
+        per_rank: list[dict[str, int] | None] = [None] * self.world.world_size
+        dist.all_gather_object(per_rank, dict(self._bad_reported))
+        total: dict[str, int] = {}
+        for counts in per_rank:
+            for reason, n in (counts or {}).items():
+                total[reason] = total.get(reason, 0) + n
+        return total
+
     def _report(self, stats: StepStats) -> None:
         m, plan, step = self.ctx.metrics, self.ctx.batch, self.counters.step
         samples_per_s = plan.global_batch / stats.seconds
@@ -257,7 +270,10 @@ class Trainer:
                 if new > 0:
                     m.get("ps3_data_bad_samples_total", reason=reason).inc(new)
                     self._bad_reported[reason] = count
-        if self.world.is_main and (step % self.ctx.stage.monitoring.log_every_steps == 0 or step == self.total_steps):
+        if step % self.ctx.stage.monitoring.log_every_steps != 0 and step != self.total_steps:
+            return
+        bad = self._bad_on_every_rank()  # a collective: every rank logs on the same steps
+        if self.world.is_main:
             # attempt: resumes so far, so a step recomputed after a restart is told from its first run
             record = {"step": step, "attempt": self.counters.resumes, "total": self.total_steps,
                       "loss": round(stats.loss, 6), "lr": lr,
@@ -265,7 +281,7 @@ class Trainer:
                       "samples_per_s": round(samples_per_s, 3), "step_seconds": round(stats.seconds, 4),
                       "data_wait_s": round(stats.data_wait, 4), "tokens_per_s": round(tokens_per_s, 1),
                       **({"mfu": round(mfu, 6)} if mfu is not None else {}),
-                      **({"bad_samples": dict(self._bad_reported)} if self._bad_reported else {}), **stats.extra}
+                      **({"bad_samples": bad} if bad else {}), **stats.extra}
             self.log.write(record)
             self.ctx.log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step, self.total_steps,
                               stats.loss, lr, samples_per_s)

@@ -226,6 +226,12 @@ def test_a_stage_whose_step_stops_advancing_is_stalled_without_eta(platform_home
 
     moving = stage([(10, 12.0), (20, 7.0)])
     assert moving.eta_s == 40.0 and not moving.message
+    (run_dir / "train" / "metrics.jsonl").open("a").write(json.dumps(
+        {"time": now, "step": 21, "total": 100, "loss": 1.0, "bad_samples": {"bad_image": 3}}) + "\n")
+    counted = backend._stage_status(run_dir, "train", {"phase": "Running", "total_steps": 100})
+    assert counted.failures == {"bad_image": 3}
+    assert progress_line(JobStatus(name="toy", kind="TrainingJob", backend="local", phase="Running",
+                                   stages=[counted])).endswith("(3 bad samples skipped)")
     frozen = stage([(10, 305.0), (20, 300.0)])
     assert frozen.eta_s is None and frozen.message == "stalled: no step for 300 s (last: step 20)"
     line = progress_line(JobStatus(name="toy", kind="TrainingJob", backend="local", phase="Running", stages=[frozen]))

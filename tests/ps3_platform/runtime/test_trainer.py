@@ -128,3 +128,27 @@ def test_activation_checkpointing_switch_reaches_the_model():
     off = parallelize(PS3Model("ps3-tiny"), world, "ddp", activation_checkpointing=False)
     assert on.vision_model.trunk.grad_checkpointing and on.text_model.grad_checkpointing
     assert not off.vision_model.trunk.grad_checkpointing and not off.text_model.grad_checkpointing
+
+
+def _gather_bad(rank: int, store: str, out: str) -> None:
+    import json as _json
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    fake = SimpleNamespace(world=SimpleNamespace(world_size=2),
+                           _bad_reported=[{"bad_image": 2}, {"bad_image": 1, "no_boxes": 4}][rank])
+    total = Trainer._bad_on_every_rank(fake)
+    dist.destroy_process_group()
+    Path(f"{out}.{rank}").write_text(_json.dumps(total))
+
+
+def test_bad_sample_counts_are_summed_over_ranks(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_bad, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"out.{rank}").read_text()) == {"bad_image": 3, "no_boxes": 4}
