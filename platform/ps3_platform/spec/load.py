@@ -24,7 +24,7 @@ Position = tuple[int, int]  # 1-based line, column
 
 #: Bounds a hostile file cannot pass: a spec is a few hundred values, a dozen levels deep.
 MAX_DEPTH = 64
-MAX_VALUES = 100_000  # after alias expansion: a 400-byte "billion laughs" stops here, at once
+MAX_VALUES = 10_000  # after alias expansion: a 400-byte "billion laughs" stops here, at once
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ def test_silent_endpoint_is_bounded():
 def test_missing_bucket_and_a_usable_one(s3_server):
     import os
 
-    env = dict(os.environ)
+    env = dict(os.environ) | s3_server.env  # the server's credentials, whatever other tests did to the environment
     _refused("bucket 'no-such-bucket' does not exist", "s3://no-such-bucket/run", env, within=10,
              kind=StorageConfigError)
     check_storage(s3_server.make_bucket("usable"), env=env)
