@@ -54,28 +54,28 @@ class SynthVqaParams(TaskParams):
     @classmethod
     def _ordered_range(cls, value: tuple[int, int]) -> tuple[int, int]:
         """A sign spans ~4.5% of the long side: under 256 px it is a few pixels at any scale."""
-        low, high = value
-        if not 256 <= low <= high:
-            raise ValueError(f"must be [low, high] with 256 <= low <= high, got {list(value)}")
-        return value
+        return _range_within(value, 256)
 
     @field_validator("signs")
     @classmethod
     def _sign_count(cls, value: tuple[int, int]) -> tuple[int, int]:
         """A question names its sign by a colour no other sign has: at most four signs."""
-        low, high = value
-        if not 1 <= low <= high <= 4:
-            raise ValueError(f"must be [low, high] with 1 <= low <= high <= 4, got {list(value)}")
-        return value
+        return _range_within(value, 1, 4)
 
     @field_validator("sign_fraction")
     @classmethod
     def _fraction_range(cls, value: tuple[float, float]) -> tuple[float, float]:
         """Four signs and their word plates must fit a scene without overlapping."""
-        low, high = value
-        if not 0.01 <= low <= high <= 0.2:
-            raise ValueError(f"must be [low, high] with 0.01 <= low <= high <= 0.2, got {list(value)}")
-        return value
+        return _range_within(value, 0.01, 0.2)
+
+
+def _range_within(value: tuple, lowest, highest=None) -> tuple:
+    """A [low, high] param with lowest <= low <= high (<= highest), or a ValueError saying so."""
+    low, high = value
+    if not lowest <= low <= high or highest is not None and high > highest:
+        bound = f" <= {highest}" if highest is not None else ""
+        raise ValueError(f"must be [low, high] with {lowest} <= low <= high{bound}, got {list(value)}")
+    return value
 
 
 def _done(output: str, params: SynthVqaParams) -> dict | None:

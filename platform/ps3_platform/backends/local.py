@@ -28,6 +28,7 @@ from ps3_platform.spec import JobSpec, resolved, stages_of
 from ps3_platform.spec.models import CURATION_RECORD
 
 from .base import TERMINAL_PHASES, Backend, BackendError, JobNotFoundError, JobStatus, StageStatus, SubmitResult
+from .local_supervisor import write_state
 
 
 def platform_home() -> Path:
@@ -75,22 +76,27 @@ def _group_alive(pgid: int | None) -> bool:
     return False
 
 
-def _last_jsonl(path: Path) -> dict:
-    """Last metrics record of a stage (the runtime appends one every logEverySteps), with
-    `cadence`: the seconds between it and the record before (how often records come)."""
+def _records(path: Path) -> Iterator[dict]:
+    """The JSON records of a stage's metrics.jsonl, skipping a line being written right now."""
     if not path.exists():
-        return {}
-    last: dict = {}
+        return
     with path.open() as f:
         for line in f:
             try:
-                record = json.loads(line)
+                yield json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line being written right now
-            if "step" in record and "loss" in record:
-                if last.get("time") and record.get("time"):
-                    record["cadence"] = record["time"] - last["time"]
-                last = record
+                continue
+
+
+def _last_jsonl(path: Path) -> dict:
+    """Last metrics record of a stage (the runtime appends one every logEverySteps), with
+    `cadence`: the seconds between it and the record before (how often records come)."""
+    last: dict = {}
+    for record in _records(path):
+        if "step" in record and "loss" in record:
+            if last.get("time") and record.get("time"):
+                record["cadence"] = record["time"] - last["time"]
+            last = record
     return last
 
 
@@ -126,16 +132,7 @@ def _check_storage(job: JobSpec) -> None:
 
 def _last_event(path: Path) -> dict:
     """The record a stage's rank 0 writes when it ends: {"event", "step", "committed"}."""
-    last: dict = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "event" in record:
-                last = record
-    return last
+    return next((r for r in reversed(list(_records(path))) if "event" in r), {})
 
 
 def _committed_step(stage_dir: Path) -> int | None:
@@ -202,9 +199,7 @@ class LocalBackend(Backend):
                 "phase": "Pending"}
         state.update(phase="Pending", resumed=state.get("resumed", 0) + 1)
         state.pop("finished", None)
-        tmp = run_dir / "state.tmp"
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-        tmp.replace(run_dir / "state.json")
+        write_state(run_dir / "state.json", state)
         self._start_supervisor(run_dir)
         return SubmitResult(name, True, f"job {name!r} was {was}; resuming it in place: {', '.join(where)} "
                                         f"(local run {run_dir})")
@@ -235,9 +230,7 @@ class LocalBackend(Backend):
         state = json.loads((run_dir / "state.json").read_text())
         state["supervisor_pid"] = proc.pid
         state["pgid"] = proc.pid
-        tmp = run_dir / "state.tmp"
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-        tmp.replace(run_dir / "state.json")
+        write_state(run_dir / "state.json", state)
 
     # ---- status -------------------------------------------------------------------------
     def _read_state(self, name: str) -> dict:
@@ -351,7 +344,7 @@ class LocalBackend(Backend):
             for entry in state["stages"].values():
                 if entry["phase"] in ("Pending", "Running"):
                     entry["phase"] = "Cancelled"
-            (self.run_dir(name) / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+            write_state(self.run_dir(name) / "state.json", state)
         saved = [self._what_was_saved(name, stage, started_before)
                  for stage, entry in state["stages"].items() if entry.get("phase") == "Cancelled"
                  and entry.get("started")]

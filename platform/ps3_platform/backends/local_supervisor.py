@@ -37,9 +37,14 @@ class RunState:
         return self.data["stages"][name]
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
-        tmp.replace(self.path)
+        write_state(self.path, self.data)
+
+
+def write_state(path: Path, state: dict) -> None:
+    """state.json replaced atomically (via state.tmp): a reader never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+    tmp.replace(path)
 
 
 def torchrun_command(run_dir: Path, stage_name: str, nproc: int, max_restarts: int, port: int) -> list[str]:
