@@ -134,6 +134,7 @@ def cmd_submit(args) -> int:
     if args.allow_spec_change:
         for stage in _stage_bodies(loaded.job):
             stage.env = {**stage.env, "PS3_ALLOW_SPEC_CHANGE": "1"}
+    _apply_resume_steps(loaded.job, args.resume_step)
     objects = []
     if backend_name == "kubernetes":
         objects = _compile(loaded, pools, args.namespace)
@@ -151,6 +152,26 @@ def cmd_submit(args) -> int:
 
 def _stage_bodies(job):
     return list(job.spec.stages) if job.kind == "Pipeline" else [job.spec]
+
+
+def _apply_resume_steps(job, requests: list[str]) -> None:
+    """`--resume-step N` (a one-stage job) or `--resume-step STAGE=N` sets `checkpoint.resumeStep`."""
+    bodies = _stage_bodies(job)
+    by_name = {getattr(body, "name", None): body for body in bodies}
+    for request in requests:
+        stage_name, _, number = request.rpartition("=")
+        if not number.isdigit() or int(number) < 1:
+            raise CommandError(f"--resume-step {request!r}: expected a step number N >= 1 or STAGE=N")
+        if stage_name:
+            if stage_name not in by_name:
+                raise CommandError(f"--resume-step {request!r}: no stage {stage_name!r} "
+                                   f"(stages: {', '.join(n for n in by_name if n)})")
+            body = by_name[stage_name]
+        elif len(bodies) == 1:
+            body = bodies[0]
+        else:
+            raise CommandError(f"--resume-step {request!r}: this pipeline has {len(bodies)} stages; name one as STAGE=N")
+        body.checkpoint.resume_step = int(number)
 
 
 def cmd_status(args) -> int:
@@ -235,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --replace: delete the replaced local run's checkpoints (listed) instead of keeping them")
     p.add_argument("--allow-spec-change", action="store_true",
                    help="let workers resume from checkpoints written under a different spec")
+    p.add_argument("--resume-step", action="append", default=[], metavar="[STAGE=]N",
+                   help="resume from committed step N instead of the newest (newer steps are set aside, not deleted)")
     p.add_argument("--wait", action="store_true", help="follow progress until the job ends")
     p.add_argument("-q", "--quiet", action="store_true", help="with --wait: print only the final summary")
     p.set_defaults(func=cmd_submit)

@@ -115,6 +115,17 @@ def _stalled_for(record: dict, now: float) -> float | None:
     return age if age > max(STALL_MIN_S, STALL_INTERVALS * expected) else None
 
 
+def _identity(job: JobSpec) -> str:
+    """Hash of the spec that tells "the same job" from a changed one. A step to resume from
+    (`checkpoint.resumeStep`, `submit --resume-step`) is left out: it says where to continue,
+    not what to run."""
+    spec = resolved(job)
+    body = spec.get("spec", {})
+    for stage in body.get("stages", [body]):
+        stage.get("checkpoint", {}).pop("resumeStep", None)
+    return hashlib.sha256(yaml.safe_dump(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _check_storage(job: JobSpec) -> None:
     """Every object store the job names (checkpoints, data) is usable from here, or one line
     says why: the workers would otherwise retry a misconfiguration for their whole budget."""
@@ -156,7 +167,7 @@ class LocalBackend(Backend):
         name = job.metadata.name
         run_dir = self.run_dir(name)
         spec_text = yaml.safe_dump(resolved(job), sort_keys=True)
-        digest = hashlib.sha256(spec_text.encode()).hexdigest()[:16]
+        digest = _identity(job)
         if delete_checkpoints and not replace:
             raise BackendError("--delete-checkpoints goes with --replace (it deletes the replaced run's checkpoints)")
         _check_storage(job)
@@ -165,6 +176,7 @@ class LocalBackend(Backend):
             state = json.loads((run_dir / "state.json").read_text())
             if state.get("spec_hash") == digest and not replace:
                 if state.get("phase") in ("Cancelled", "Failed"):
+                    (run_dir / "spec.yaml").write_text(spec_text)  # may name a step to resume from
                     return self._resume(run_dir, state)
                 return SubmitResult(name, False, f"job {name!r} already exists, unchanged (local run {run_dir})")
             if not replace:

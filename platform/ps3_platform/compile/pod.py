@@ -116,6 +116,12 @@ def _container(job: JobSpec, stage: Stage, pool: Pool, image: str, grace_seconds
 def pod_template(job: JobSpec, stage: Stage, pool: Pool, labels: dict[str, str], options: CompileOptions,
                  image: str | None) -> dict:
     """PodTemplateSpec for every replica of `stage` on `pool`."""
+    shutdown_s = options.termination_grace_seconds - AGENT_SHUTDOWN_MARGIN
+    if stage.checkpoint.stop_grace_seconds >= shutdown_s:
+        raise CompileError(
+            f"stage {stage.name}: checkpoint.stopGraceSeconds ({stage.checkpoint.stop_grace_seconds:g}) must be below "
+            f"the {shutdown_s} s a worker gets between SIGTERM and SIGKILL (terminationGracePeriodSeconds "
+            f"{options.termination_grace_seconds} minus {AGENT_SHUTDOWN_MARGIN} s for the agent)")
     spec: dict = {
         "serviceAccountName": options.job_service_account,
         "terminationGracePeriodSeconds": options.termination_grace_seconds,

@@ -13,6 +13,7 @@ from pathlib import Path
 from ps3_platform.spec import BatchPlan, JobSpec, Stage
 from ps3_platform.spec.models import expand_run_placeholder
 
+from .checkpoint import CheckpointCorruptError, CheckpointNotFoundError
 from .distributed import WorldInfo, init_distributed, parallelize, shutdown_distributed
 from .gpu import start_gpu_sampler
 from .metrics import JsonlLog, Metrics
@@ -79,14 +80,15 @@ def load_weights(model, url: str, world: WorldInfo, metrics: Metrics) -> int:
     return step
 
 
-def _checkpointer(job: JobSpec, stage: Stage, world: WorldInfo, metrics: Metrics, run_dir: Path):
+def _checkpointer(job: JobSpec, stage: Stage, world: WorldInfo, metrics: Metrics, run_dir: Path, stop: StopFlag):
     from .checkpoint import Checkpointer
 
     ckpt = stage.checkpoint
     return Checkpointer(
         uri=checkpoint_uri(stage, run_dir), job=job.metadata.name, stage=stage.name, keep=ckpt.keep,
         keep_every=ckpt.keep_every, async_save=ckpt.async_, rank=world.rank, world_size=world.world_size,
-        metrics=metrics,
+        metrics=metrics, retry_budget_s=ckpt.retry_budget_seconds, request_timeout_s=ckpt.request_timeout_seconds,
+        stop=stop, stop_grace_s=ckpt.stop_grace_seconds,
     )
 
 
@@ -127,7 +129,7 @@ def run_stage(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, log
         except StorageError as exc:  # down or silent: maybe an outage, which the retry budget rides out
             log.warning("%s; continuing with the checkpoint retry budget", exc)
         jsonl = JsonlLog(run_dir / "metrics.jsonl" if world.is_main else None)
-        checkpointer = _checkpointer(job, stage, world, metrics, run_dir)
+        checkpointer = _checkpointer(job, stage, world, metrics, run_dir, stop)
         trainer = Trainer(ctx, task, world, checkpointer, spec_hash=spec_hash, allow_spec_change=allow_spec_change,
                           stop=stop, log=jsonl)
         outcome = "failed"
@@ -135,8 +137,8 @@ def run_stage(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, log
             outcome = trainer.train()
             if outcome == "completed" and task.evaluate is not None:
                 task.evaluate()
-        except SpecChangedError as exc:
-            raise RunSetupError(str(exc)) from None
+        except (SpecChangedError, CheckpointNotFoundError, CheckpointCorruptError) as exc:
+            raise RunSetupError(str(exc)) from None  # retrying cannot help: the user must choose
         finally:  # whatever happened: the step reached and the step a resume starts from (`cancel` says both)
             committed = checkpointer.committed_step if checkpointer is not None else None
             jsonl.write({"event": outcome, "step": trainer.counters.step, "committed": committed})

@@ -66,7 +66,16 @@ from torch.distributed.checkpoint.filesystem import FileSystem as LocalDcpFileSy
 from torch.distributed.checkpoint.stateful import Stateful
 
 from .metrics import Metrics
-from .storage import Location, RetryPolicy, StorageError, open_location, retry
+from .storage import (
+    DEFAULT_REQUEST_TIMEOUT_S,
+    Location,
+    RetryPolicy,
+    StorageAbandonedError,
+    StorageError,
+    open_location,
+    retry,
+    storage_options,
+)
 
 try:
     from torch.distributed._state_dict_utils import CompanionMismatch
@@ -81,6 +90,8 @@ except ImportError:  # pragma: no cover - depends on the torch build
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+#: Where damaged and superseded steps are moved (never deleted): `{stage dir}/set-aside/step-N.REASON-STAMP/`.
+SET_ASIDE_DIR = "set-aside"
 FORMAT = "ps3-checkpoint/1"
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
 _CHUNK = 8 << 20  # bytes hashed per read
@@ -100,6 +111,10 @@ class CheckpointCorruptError(CheckpointError):
 
 class CheckpointUploadError(CheckpointError):
     """A save could not be committed within its retry budget (raised at the next save()/wait())."""
+
+
+class CheckpointAbandonedError(CheckpointUploadError):
+    """The worker was told to stop and the save did not commit within the stop grace."""
 
 
 def step_dir_name(step: int) -> str:
@@ -216,26 +231,31 @@ def default_staging_root() -> Path:
     return Path(tempfile.gettempdir())
 
 
-class _PrefetchingReader(FsspecReader):
-    """DCP reader that downloads the files this rank needs whole, in parallel, then reads locally.
+class _CheckedReader(FsspecReader):
+    """DCP reader that first checks (and, from object storage, downloads) the files this rank needs.
 
-    DCP's fsspec reader issues one ranged read per tensor; from SeaweedFS that measured
-    ~125 MB/s for a 1.1 GB state, against ~2.7 GB/s for DCP reading tmpfs and several
-    hundred MB/s for whole-object downloads. The metadata is still read remotely.
+    `prepare(names)` verifies them against the manifest's sha256 before DCP reads a byte,
+    so a damaged shard is caught as `CheckpointCorruptError`, never loaded. With a
+    `local_dir`, `prepare` downloads whole files there and DCP reads them locally: DCP's
+    fsspec reader issues one ranged read per tensor, which from SeaweedFS measured
+    ~125 MB/s for a 1.1 GB state, against several hundred MB/s for whole-object downloads.
     """
 
-    def __init__(self, location: Location, step_name: str, fetch, local_dir: Path):
+    def __init__(self, location: Location, step_name: str, prepare, local_dir: Path | None = None):
         super().__init__(location.url_of(step_name), **location.options)
-        self._fetch = fetch
+        self._prepare = prepare
         self._local_dir = local_dir
 
     def read_data(self, plan, planner):
         needed = sorted({self.storage_data[item.storage_index].relative_path for item in plan.items})
-        missing = [name for name in needed if not (self._local_dir / name).exists()]
-        if missing:
-            self._fetch(missing)
-        self.fs = LocalDcpFileSystem()
-        self.path = self._local_dir
+        if self._local_dir is None:
+            self._prepare(needed)
+        else:
+            missing = [name for name in needed if not (self._local_dir / name).exists()]
+            if missing:
+                self._prepare(missing)
+            self.fs = LocalDcpFileSystem()
+            self.path = self._local_dir
         return super().read_data(plan, planner)
 
 
@@ -275,11 +295,16 @@ class Checkpointer:
     def __init__(self, *, uri: str, job: str, stage: str, keep: int, keep_every: int | None,
                  async_save: bool, rank: int, world_size: int, metrics: Metrics | None = None,
                  retry_budget_s: float = 300.0, staging_dir: str | Path | None = None,
-                 io_threads: int = 4, storage_options: dict[str, Any] | None = None):
+                 io_threads: int = 4, storage_options: dict[str, Any] | None = None,
+                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, stop: Any = None,
+                 stop_grace_s: float = 10.0):
         """`retry_budget_s`: how long one save may keep retrying storage errors (an outage
         of a few minutes is survived); `staging_dir`: where staged copies go (default
         `default_staging_root()`); `io_threads`: files per rank, written and uploaded in
-        parallel; `storage_options`: fsspec options (default: from the environment)."""
+        parallel; `storage_options`: fsspec options (default: from the environment, with
+        `request_timeout_s`); `stop`: the worker's stop flag (`.requested`, `.requested_at`):
+        once it is set, a save that has not committed within `stop_grace_s` of the signal
+        is abandoned, so a stuck upload cannot hold a worker past its pod's grace period."""
         _check_arguments(job=job, stage=stage, keep=keep, keep_every=keep_every, rank=rank,
                          world_size=world_size, io_threads=io_threads)
         self.job, self.stage = job, stage
@@ -289,13 +314,20 @@ class Checkpointer:
         self.metrics = metrics
         self.io_threads = io_threads
         self.policy = RetryPolicy(budget_s=retry_budget_s)
-        self.location: Location = open_location(f"{uri.rstrip('/')}/{job}/{stage}", storage_options)
+        url = f"{uri.rstrip('/')}/{job}/{stage}"
+        if storage_options is None:
+            storage_options = _default_options(url, request_timeout_s)
+        self.location: Location = open_location(url, storage_options)
+        self._stop, self.stop_grace_s = stop, stop_grace_s
+        self._abandon = threading.Event()
+        self._inflight_step: int | None = None
         self._staging_root = Path(staging_dir) if staging_dir is not None else default_staging_root()
         self._staging_prefix = f"ps3-ckpt-{_slug(job)}-{_slug(stage)}-r{rank}"
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._error_step: int | None = None
         self._seen_steps: set[int] = set()
+        self._skipped_steps: set[int] = set()  # damaged steps that could not be set aside
         self.committed_step: int | None = None  # newest step this run loaded or committed (what a stop keeps)
         self._group: Any = None  # gloo group for DCP in the background thread (async, multi-rank)
         self._stager = _HostStager()
@@ -308,7 +340,7 @@ class Checkpointer:
         def newest() -> int | None:
             steps = self._scan()
             for step in sorted(steps, reverse=True):
-                if self._committed_manifest(step, steps[step]) is not None:
+                if step not in self._skipped_steps and self._committed_manifest(step, steps[step]) is not None:
                     return step
             return None
 
@@ -330,6 +362,7 @@ class Checkpointer:
             self._retry(lambda: self._uncommit(step), what=f"removing the old manifest of step {step}",
                         deadline=self._deadline())
         rank_bytes = _serialize(rank_state) if rank_state is not None else None
+        self._inflight_step = step
         if not self.async_save:
             staged = self._write_local(step, plain, rank_bytes, group=None)
             self._upload_or_raise(staged)
@@ -350,41 +383,139 @@ class Checkpointer:
         written by another world size (per-rank state cannot be mapped across sizes).
         `source` loads from another stage instead (`checkpoint.initFrom`): the URL of its
         stage directory (newest committed step) or of one committed `step-N` directory.
+
+        Every file read is checked against the sha256 its manifest lists. When the newest
+        step is damaged it is set aside (moved under `set-aside/`, never deleted) and the
+        next newest intact step is loaded instead, with a warning; a damaged `step` that
+        was asked for by number raises `CheckpointCorruptError`.
         """
         self.wait()
         if source is not None:
             other, source_step = self._for_source(source)
             return other.load(state, source_step if step is None else step)
-        chosen = self._agree_on_step(step)
+        while True:
+            chosen = self._agree_on_step(step)
+            try:
+                return self._load_step(state, chosen)
+            except CheckpointCorruptError as exc:
+                if step is not None:
+                    raise
+                where = self._set_aside_on_rank0(chosen, "damaged")
+                log.warning("checkpoint step %d is damaged (%s); set aside%s; falling back to the newest intact step",
+                            chosen, exc, f" as {where}" if where else "")
+
+    def _load_step(self, state: dict, chosen: int) -> tuple[int, dict | None]:
+        """Load one committed step on every rank (collective); raises CheckpointCorruptError on
+        every rank when any rank finds a file that does not match its manifest."""
         name = step_dir_name(chosen)
         step_path = self.location.path(name)
         deadline = self._deadline()
         manifest = self._retry(lambda: json.loads(self.location.fs.cat_file(f"{step_path}/{MANIFEST}")),
                                what=f"manifest of step {chosen}", deadline=deadline)
+        listed = manifest["files"]
         if self.location.is_local:
-            reader = FsspecReader(self.location.url_of(name), **self.location.options)
-            _dcp(dcp.load, state, f"loading step {chosen}", storage_reader=reader)
+            verify = lambda names: self._verify_local(chosen, names, listed)
+            _dcp(dcp.load, state, f"loading step {chosen}", storage_reader=_CheckedReader(self.location, name, verify))
         else:
             local = self._staging_root / f"{self._staging_prefix}-p{os.getpid()}-{chosen:09d}-load"
             shutil.rmtree(local, ignore_errors=True)
-            fetch = lambda names: self._download(chosen, names, local, deadline, manifest["files"])
+            fetch = lambda names: self._download(chosen, names, local, deadline, listed)
             try:
-                reader = _PrefetchingReader(self.location, name, fetch, local)
+                reader = _CheckedReader(self.location, name, fetch, local_dir=local)
                 _dcp(dcp.load, state, f"loading step {chosen}", storage_reader=reader)
             finally:
                 shutil.rmtree(local, ignore_errors=True)
-        rank_state = None
+        rank_state, damaged = None, ""
         own = rank_state_name(self.rank)
-        if manifest.get("world_size") == self.world_size and own in manifest["files"]:
+        if manifest.get("world_size") == self.world_size and own in listed:
             data = self._retry(lambda: self.location.fs.cat_file(f"{step_path}/{own}"),
                                what=f"{own} of step {chosen}", deadline=deadline)
-            # Our own file from a committed step (not user input), holding RNG tuples with numpy arrays.
-            rank_state = torch.load(io.BytesIO(data), weights_only=False)
+            expected = listed[own].get("sha256")
+            if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+                damaged = f"{own} does not match the sha256 in its manifest"
+            else:  # our own file from a committed step (not user input), holding RNG tuples with numpy arrays
+                rank_state = torch.load(io.BytesIO(data), weights_only=False)
+        if self._any_rank(bool(damaged)):  # every rank must fall back together, not only the damaged one
+            raise CheckpointCorruptError(f"checkpoint step {chosen}: {damaged or 'a rank file is damaged'}")
         if self.metrics is not None:
-            self.metrics.get("ps3_checkpoint_load_bytes").set(sum(int(f["size"]) for f in manifest["files"].values()))
+            self.metrics.get("ps3_checkpoint_load_bytes").set(sum(int(f["size"]) for f in listed.values()))
         log.info("loaded checkpoint %s", self.location.url_of(name))
         self.committed_step = chosen
         return chosen, rank_state
+
+    def _any_rank(self, flag: bool) -> bool:
+        if not _distributed():
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _verify_local(self, step: int, names: list[str], listed: dict) -> None:
+        """Check files of a step on a local disk against the manifest's sha256, in parallel."""
+        step_path = Path(self.location.path(step_dir_name(step)))
+
+        def check(name: str) -> None:
+            expected = listed.get(name, {}).get("sha256")
+            if expected is not None and _sha256(step_path / name) != expected:
+                raise CheckpointCorruptError(f"checkpoint step {step}: {name} does not match the sha256 in its "
+                                             f"manifest ({self.location.url_of(step_dir_name(step), name)})")
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.io_threads, len(names)))) as pool:
+            list(pool.map(check, names))
+
+    # ---- setting steps aside (never deleting them) --------------------------------------
+    def set_aside(self, step: int, reason: str) -> str:
+        """Move a step out of the way (under `set-aside/`, with `reason` in its name), so it is
+        neither loaded nor removed by retention; returns its new URL. Not collective."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        target = f"{SET_ASIDE_DIR}/{step_dir_name(step)}.{reason}-{stamp}"
+        source_path, target_path = self.location.path(step_dir_name(step)), self.location.path(target)
+
+        def move() -> None:
+            self.location.move_tree(source_path, target_path)
+            self.location.fresh(self.location.root)
+
+        self._retry(move, what=f"setting step {step} aside", deadline=self._deadline())
+        self._seen_steps.discard(step)
+        return self.location.url_of(target)
+
+    def _set_aside_on_rank0(self, step: int, reason: str) -> str | None:
+        """Rank 0 sets the step aside (or, failing that, remembers to skip it); all ranks wait."""
+        where = None
+        if self.rank == 0 or not _distributed():
+            try:
+                where = self.set_aside(step, reason)
+            except StorageError as exc:
+                log.error("could not set step %d aside (%s); skipping it in this process", step, exc)
+            self._skipped_steps.add(step)
+        if _distributed():
+            dist.barrier()
+        return where
+
+    def resume_from(self, state: dict, step: int) -> tuple[int, dict | None]:
+        """Load `step` (named by the user) and set aside the committed steps after it, once.
+
+        A marker `resumed-from-step-N.json` records that the request was carried out, so
+        restarts after it resume from the newest step again, which is then this run's own.
+        Returns what `load` returns. Collective.
+        """
+        marker = self.location.path(f"resumed-from-{step_dir_name(step)}.json")
+        if self._read_json(marker) is not None:
+            log.info("checkpoint.resumeStep %d was carried out earlier (%s); resuming from the newest step",
+                     step, self.location.url_of(f"resumed-from-{step_dir_name(step)}.json"))
+            return self.load(state)
+        loaded = self.load(state, step)
+        if self.rank == 0 or not _distributed():
+            steps = self._retry(self._scan, what="listing of checkpoints", deadline=self._deadline())
+            for newer in sorted(s for s in steps if s > step):
+                where = self.set_aside(newer, "superseded")
+                log.warning("checkpoint step %d set aside as %s: resuming from step %d as asked", newer, where, step)
+            record = json.dumps({"step": step, "time": time.time()}).encode()
+            self._retry(lambda: self.location.write_bytes(marker, record), what="resume marker",
+                        deadline=self._deadline())
+        if _distributed():
+            dist.barrier()
+        return loaded
 
     def _for_source(self, url: str) -> tuple[Checkpointer, int | None]:
         """A read-only twin of this checkpointer pointed at another stage's directory."""
@@ -422,14 +553,43 @@ class Checkpointer:
             list(pool.map(fetch, names))
 
     def wait(self) -> None:
-        """Block until the in-flight upload is committed; raise its failure if it was not."""
+        """Block until the in-flight upload is committed; raise its failure if it was not.
+
+        Once the worker is told to stop, the wait lasts at most until the stop grace ends;
+        then the upload is abandoned (its partial step is never loaded) and
+        `CheckpointAbandonedError` says which step is the last committed one.
+        """
         if self._thread is not None:
-            self._thread.join()
+            while self._thread.is_alive():
+                self._thread.join(0.1)
+                if self._thread.is_alive() and self._should_abandon():
+                    self._thread = None  # a daemon: it stops at its next request or poll
+                    raise self._abandoned_error(self._inflight_step)
             self._thread = None
         if self._error is not None:
+            if isinstance(self._error, StorageAbandonedError):
+                self._error, step = None, self._error_step
+                raise self._abandoned_error(step)
             error, step = self._error, self._error_step
             self._error, self._error_step = None, None
             raise CheckpointUploadError(f"checkpoint step {step} was not committed: {error}") from error
+
+    def _should_abandon(self) -> bool:
+        """True once a stop was requested more than the stop grace ago (and from then on)."""
+        if self._abandon.is_set():
+            return True
+        since = getattr(self._stop, "requested_at", None) if self._stop is not None else None
+        if since is None or not self._stop.requested or time.monotonic() < since + self.stop_grace_s:
+            return False
+        self._abandon.set()
+        return True
+
+    def _abandoned_error(self, step: int | None) -> CheckpointAbandonedError:
+        last = f"step {self.committed_step}" if self.committed_step is not None else "none"
+        log.error("checkpoint step %s abandoned: not committed within the %.0f s stop grace (last committed: %s)",
+                  step, self.stop_grace_s, last)
+        return CheckpointAbandonedError(f"checkpoint step {step} was abandoned at stop (not committed within "
+                                        f"{self.stop_grace_s:.0f} s); last committed: {last}")
 
     def close(self) -> None:
         """Wait for the in-flight upload (raising its failure) and drop this rank's staging files."""
@@ -489,6 +649,8 @@ class Checkpointer:
     def _upload_or_raise(self, staged: _Staged) -> None:
         try:
             self._upload(staged)
+        except StorageAbandonedError as exc:
+            raise self._abandoned_error(staged.step) from exc
         except StorageError as exc:
             raise CheckpointUploadError(f"checkpoint step {staged.step} was not committed: {exc}") from exc
 
@@ -556,6 +718,8 @@ class Checkpointer:
                         found[rank] = marker
             if len(found) == self.world_size:
                 return found
+            if self._should_abandon():
+                raise StorageAbandonedError(f"waiting for the other ranks' uploads of step {staged.step} abandoned")
             if time.monotonic() > deadline:
                 missing = sorted(set(range(self.world_size)) - set(found))
                 raise StorageError(f"ranks {missing} did not finish uploading step {staged.step} in time")
@@ -568,6 +732,8 @@ class Checkpointer:
             manifest = self._read_json(f"{step_path}/{MANIFEST}")
             if manifest is not None and manifest.get("save_id") == staged.save_id:
                 return
+            if self._should_abandon():
+                raise StorageAbandonedError(f"waiting for rank 0 to commit step {staged.step} abandoned")
             if time.monotonic() > deadline:
                 raise StorageError(f"rank 0 did not commit step {staged.step} in time")
             time.sleep(delay)
@@ -687,7 +853,8 @@ class Checkpointer:
         return time.monotonic() + self.policy.budget_s
 
     def _retry(self, fn, *, what: str, deadline: float):
-        return retry(fn, what=what, deadline=deadline, policy=self.policy, on_failure=self._on_failure)
+        return retry(fn, what=what, deadline=deadline, policy=self.policy, on_failure=self._on_failure,
+                     abandoned=self._should_abandon)
 
     def _on_failure(self, what: str, exc: BaseException, attempt: int, delay: float | None) -> None:
         if self.metrics is not None:
@@ -718,6 +885,10 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _default_options(url: str, request_timeout_s: float) -> dict[str, Any]:
+    return storage_options(url, request_timeout_s=request_timeout_s)
 
 
 def _slug(text: str) -> str:

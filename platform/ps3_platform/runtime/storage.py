@@ -39,14 +39,23 @@ class StorageConfigError(StorageError):
     """A store that no retry will make usable: no credentials, no such bucket, access denied."""
 
 
-def storage_options(uri: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+#: Seconds one storage request may make no progress (connect, or wait on its socket) before it
+#: fails and is retried. botocore applies it to each socket operation, not to the transfer, so
+#: it bounds a frozen store without cutting off a large object that is still moving.
+DEFAULT_REQUEST_TIMEOUT_S = 20.0
+
+
+def storage_options(uri: str, env: dict[str, str] | None = None, *,
+                    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> dict[str, Any]:
     """fsspec options for `uri` taken from the environment (empty for non-S3 URLs)."""
     env = os.environ if env is None else env
     if fsspec.utils.get_protocol(uri) not in ("s3", "s3a"):
         return {}
     options: dict[str, Any] = {
-        # Fail fast on a dead endpoint: our own retry loop owns the waiting, with a budget.
-        "config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 2}},
+        # One attempt per request: our own retry loop owns the waiting (with a budget) and
+        # logs every failure, so a stuck store shows in the log within one timeout.
+        "config_kwargs": {"connect_timeout": min(10.0, request_timeout_s), "read_timeout": request_timeout_s,
+                          "retries": {"max_attempts": 1}},
     }
     if key := env.get("AWS_ACCESS_KEY_ID"):
         options["key"] = key
@@ -108,6 +117,22 @@ class Location:
                 dst.write(chunk)
         return digest.hexdigest()
 
+    def move_tree(self, source: str, target: str) -> None:
+        """Move every file under `source` to the same place under `target`. A rename on local
+        disks; on object stores copy-then-delete file by file (s3fs's recursive mv fails on the
+        directory key it tries to remove last), so an interrupted move can simply be rerun."""
+        if self.is_local:
+            self.fs.makedirs(self.fs._parent(target), exist_ok=True)
+            self.fs.mv(source, target, recursive=True)
+            return
+        self.fs.invalidate_cache(source)
+        files = self.fs.find(source)
+        for path in files:
+            self.fs.copy(path, f"{target}/{path[len(source):].lstrip('/')}")
+        if files:
+            self.fs.rm(files)
+        self.fs.invalidate_cache(source)
+
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a small object; on local disks via rename so a crash never leaves half a file."""
         if self.is_local:
@@ -130,6 +155,8 @@ def open_location(url: str, options: dict[str, Any] | None = None) -> Location:
         url = f"file://{Path(url).resolve()}"
     options = storage_options(url) if options is None else options
     fs, root = fsspec.core.url_to_fs(url, **options)
+    if hasattr(fs, "retries"):  # s3fs retries timeouts 5 times on its own, silently: ours log each one
+        fs.retries = 1
     return Location(fs=fs, root=root.rstrip("/") or root, url=url.rstrip("/"), options=options)
 
 
@@ -149,13 +176,20 @@ class RetryPolicy:
             raise ValueError(f"bad retry policy {self}: need budget_s >= 0 and 0 < first_delay_s <= max_delay_s")
 
 
+class StorageAbandonedError(StorageError):
+    """The caller gave up on an operation between two attempts (a worker told to stop)."""
+
+
 def retry(fn: Callable[[], T], *, what: str, deadline: float, policy: RetryPolicy,
-          on_failure: Callable[[str, BaseException, int, float | None], None] | None = None) -> T:
+          on_failure: Callable[[str, BaseException, int, float | None], None] | None = None,
+          abandoned: Callable[[], bool] | None = None) -> T:
     """Call `fn` until it succeeds, with exponential backoff, until `deadline` (time.monotonic()).
 
     `on_failure(what, error, attempt, delay)` runs after every failed attempt (the caller
     logs and counts it); `delay` is None when no retry follows. Permanent errors and the
     last failure past the deadline raise `StorageError` naming `what`, chained to the cause.
+    `abandoned()` is polled while waiting to retry; when it turns true the wait ends in
+    `StorageAbandonedError`, so a worker that must stop is not held by a backoff.
     """
     delay = policy.first_delay_s
     attempt = 0
@@ -179,8 +213,19 @@ def retry(fn: Callable[[], T], *, what: str, deadline: float, policy: RetryPolic
             wait = min(delay, remaining)
             if on_failure is not None:
                 on_failure(what, exc, attempt, wait)
-            time.sleep(wait)
+            if _sleep_unless(wait, abandoned):
+                raise StorageAbandonedError(f"{what} abandoned after {attempt} attempts: {type(exc).__name__}: {exc}") from exc
             delay = min(delay * 2, policy.max_delay_s)
+
+
+def _sleep_unless(seconds: float, abandoned: Callable[[], bool] | None) -> bool:
+    """Sleep `seconds`, polling `abandoned` every 0.1 s; True if it turned true."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        if abandoned is not None and abandoned():
+            return True
+        time.sleep(min(0.1, left))
+    return abandoned is not None and abandoned()
 
 
 def check_storage(url: str, *, timeout_s: float = 10.0, env: dict[str, str] | None = None) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .checkpoint import CheckpointAbandonedError
 from .distributed import WorldInfo
 from .metrics import JsonlLog
 from .signals import StopFlag
@@ -76,12 +77,18 @@ class Trainer:
         return state
 
     def resume(self) -> None:
-        """Load the newest committed checkpoint, if any (every (re)start goes through here)."""
-        if self.checkpointer is None or self.checkpointer.latest_committed() is None:
+        """Load the newest committed checkpoint (or the one `checkpoint.resumeStep` names), if any.
+
+        Every (re)start goes through here."""
+        requested = self.ctx.stage.checkpoint.resume_step
+        if self.checkpointer is None or (requested is None and self.checkpointer.latest_committed() is None):
             return
         expected_hash = self.counters.spec_hash
         started = time.perf_counter()
-        step, rank_state = self.checkpointer.load(self._state())
+        if requested is not None:
+            step, rank_state = self.checkpointer.resume_from(self._state(), requested)
+        else:
+            step, rank_state = self.checkpointer.load(self._state())
         self.ctx.metrics.get("ps3_checkpoint_load_seconds").set(time.perf_counter() - started)
         if self.counters.spec_hash != expected_hash and not self.allow_spec_change:
             raise SpecChangedError(
@@ -112,20 +119,24 @@ class Trainer:
         model = self.task.model
         model.train()
         outcome = "completed"
-        while self.counters.step < self.total_steps:
-            stats = self._train_step(model)
-            stop_requested = self._agree_on_stop()
-            if stats is not None:
-                self._report(stats)
-            if self._should_checkpoint() or stop_requested:
-                self.save()
-            if stop_requested:
-                outcome = "preempted"
-                break
-        if self.checkpointer is not None:
-            if outcome == "completed" and not self._should_checkpoint():
-                self.save()
-            self.checkpointer.wait()
+        try:
+            while self.counters.step < self.total_steps:
+                stats = self._train_step(model)
+                stop_requested = self._agree_on_stop()
+                if stats is not None:
+                    self._report(stats)
+                if self._should_checkpoint() or stop_requested:
+                    self.save()
+                if stop_requested:
+                    outcome = "preempted"
+                    break
+            if self.checkpointer is not None:
+                if outcome == "completed" and not self._should_checkpoint():
+                    self.save()
+                self.checkpointer.wait()
+        except CheckpointAbandonedError as exc:  # told to stop, and the upload did not commit in the grace
+            self.ctx.log.warning("%s; exiting without it", exc)
+            return "preempted"
         return outcome
 
     def _should_checkpoint(self) -> bool:

@@ -146,6 +146,16 @@ class Checkpoint(SpecModel):
     keep_every: int | None = Field(None, ge=1, description="Also keep every checkpoint whose step is a multiple of N.")
     async_: bool = Field(False, alias="async", description="Stage in host memory and upload in the background.")
     init_from: Uri | None = Field(None, description="Start from this committed checkpoint directory (another stage's).")
+    retry_budget_seconds: float = Field(
+        300.0, ge=0, description="How long one save or load keeps retrying storage errors before it fails.")
+    request_timeout_seconds: float = Field(
+        20.0, gt=0, description="Seconds a storage request may make no progress before it is retried (and logged).")
+    stop_grace_seconds: float = Field(
+        10.0, ge=0, description="After SIGTERM, how long a worker waits for an upload to commit before it abandons "
+                                "it and exits (keep it below the pod's termination grace period).")
+    resume_step: int | None = Field(
+        None, ge=1, description="Resume from this committed step instead of the newest (once: newer steps are set "
+                                "aside, not deleted, and later restarts resume from the newest again).")
 
 
 class Source(SpecModel):
@@ -161,6 +171,9 @@ class Data(SpecModel):
     num_workers: int = Field(2, ge=0, description="Data loader worker processes per rank.")
     seed: int = Field(0, description="Seed of the sampling order.")
     tokenizer: Uri | None = Field(None, description="Tokenizer model file (SentencePiece or tokenizers JSON).")
+    read_retry_seconds: float = Field(
+        300.0, ge=0,
+        description="How long a data read keeps retrying storage errors (an S3 outage) before the job fails.")
 
 
 class Model(SpecModel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -74,8 +75,18 @@ class SeaweedS3:
                 time.sleep(0.5)
         raise RuntimeError(f"SeaweedFS S3 not ready after {timeout}s; see {self._log}")
 
+    def freeze(self) -> None:
+        """SIGSTOP the server: connections are still accepted by the kernel, nothing answers."""
+        assert self._proc is not None, "server not started"
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
+            self.thaw()  # a stopped process would not act on SIGTERM
             self._proc.terminate()
             try:
                 self._proc.wait(timeout=5)

@@ -190,19 +190,41 @@ def test_resaving_a_step_uncommits_the_stale_manifest_first(tmp_path, monkeypatc
     assert torch.equal(fresh.weight, expected)
 
 
-def test_load_from_s3_checks_the_sha256_of_what_it_downloads(s3_server):
-    uri = s3_server.make_bucket("ckpt-sha")
+@pytest.mark.parametrize("store", ["file", "s3"])
+def test_damaged_newest_step_is_set_aside_and_the_previous_one_loaded(store, tmp_path, request, caplog):
+    """A shard that fails its sha256 (same size: listings cannot see it) is caught on either
+    store; the step is moved under set-aside/ (kept, not deleted) and the previous one loads."""
+    if store == "s3":
+        server = request.getfixturevalue("s3_server")
+        uri = server.make_bucket("ckpt-sha")
+        fs, root = server.filesystem(skip_instance_cache=True), "ckpt-sha/job/stage"
+    else:
+        uri, root = f"file://{tmp_path}", f"{tmp_path}/job/stage"
+        fs = open_location(uri).fs
     ck = checkpointer(uri)
-    ck.save(1, tiny_state()[1])
-    fs = s3_server.filesystem(skip_instance_cache=True)
-    shards = fs.glob("ckpt-sha/job/stage/step-000000001/*.distcp", detail=True)
+    model, state = tiny_state()
+    ck.save(1, state)
+    at_1 = model.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ck.save(2, state)
+    shards = fs.glob(f"{root}/step-000000002/*.distcp", detail=True)
     shard = max(shards, key=lambda path: shards[path]["size"])
     data = bytearray(fs.cat_file(shard))
-    data[len(data) // 2] ^= 0xFF  # same size: listing checks cannot see it
+    data[len(data) // 2] ^= 0xFF
     fs.pipe_file(shard, bytes(data))
-    assert ck.latest_committed() == 1
+    assert ck.latest_committed() == 2
     with pytest.raises(CheckpointCorruptError, match="does not match the sha256"):
-        ck.load(tiny_state(seed=2)[1])
+        ck.load(tiny_state(seed=2)[1], step=2)  # a step asked for by number is not replaced silently
+    fresh, fresh_state = tiny_state(seed=2)
+    with caplog.at_level(logging.WARNING):
+        assert ck.load(fresh_state)[0] == 1
+    assert torch.equal(fresh.weight, at_1)
+    assert "checkpoint step 2 is damaged" in caplog.text and "set aside as" in caplog.text
+    fs.invalidate_cache()
+    kept = fs.glob(f"{root}/set-aside/step-000000002.damaged-*/*.distcp")
+    assert len(kept) == len(shards)  # every file kept
+    assert ck.latest_committed() == 1
 
 
 def test_load_from_another_stage_by_url(tmp_path):
