@@ -19,6 +19,7 @@ import torch
 from .decode import decode_sample
 from .index import DataSourceError, SourceIndex
 from .records import BadSample, clip_box
+from .retry import ReadRetry
 from .sampling import Slot, replacement
 from .shards import read_sample_bytes
 from .views import FastPixels, ViewConfig, sample_tensors
@@ -47,13 +48,13 @@ class SourceRef:
     global_captions: int
 
     @classmethod
-    def open(cls, name: str, uri: str, position: int) -> SourceRef:
-        """Open the source's index (fails naming the URI if it is unusable)."""
-        index = SourceIndex.open(uri)
+    def open(cls, name: str, uri: str, position: int, reads: ReadRetry | None = None) -> SourceRef:
+        """Open the source's index (fails naming the URI if it is unusable); `reads` retries storage errors."""
+        index = SourceIndex.open(uri, reads)
         return cls(name, uri, position, tuple(index.shards), tuple(index.counts), index.global_captions)
 
-    def index(self) -> SourceIndex:
-        return SourceIndex(self.uri, list(self.shards), list(self.counts), self.global_captions)
+    def index(self, reads: ReadRetry | None = None) -> SourceIndex:
+        return SourceIndex(self.uri, list(self.shards), list(self.counts), self.global_captions, reads=reads)
 
     @property
     def id_base(self) -> int:
@@ -73,16 +74,21 @@ class Pair:
 
 
 class MicroBatchMaker:
-    """Makes micro-batches from slots; opens source indexes lazily (once per process)."""
+    """Makes micro-batches from slots; opens source indexes lazily (once per process).
 
-    def __init__(self, sources: list[SourceRef], views: ViewConfig):
+    With `read_retry_s`, storage errors of its reads are retried for that long each and
+    counted in `bad` under "read_retries", which travels to the trainer with the skips.
+    """
+
+    def __init__(self, sources: list[SourceRef], views: ViewConfig, read_retry_s: float | None = None):
         self.sources, self.views = sources, views
         self._indexes: dict[int, SourceIndex] = {}
         self.bad: Counter = Counter()
+        self.reads = None if read_retry_s is None else ReadRetry(read_retry_s, counts=self.bad)
 
     def _index(self, src: int) -> SourceIndex:
         if src not in self._indexes:
-            self._indexes[src] = self.sources[src].index()
+            self._indexes[src] = self.sources[src].index(self.reads)
         return self._indexes[src]
 
     def make(self, slots: list[Slot], used: set[tuple[int, int]]) -> tuple[dict, list[str]]:
@@ -127,7 +133,7 @@ class MicroBatchMaker:
             raise
 
     def _pair_from(self, slot: Slot, index: SourceIndex, idx: int, shard_path: str, entry) -> Pair:
-        image, raw = read_sample_bytes(index.fs, shard_path, entry)
+        image, raw = read_sample_bytes(index.fs, shard_path, entry, self.reads)
         record, dec = decode_sample(entry.key, image, raw, self.views.decode_size)
         if slot.is_global:
             if record.global_caption is None:

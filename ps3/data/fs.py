@@ -22,7 +22,10 @@ def storage_options(uri: str) -> dict[str, Any]:
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
     if protocol not in ("s3", "s3a"):
         return {}
-    options: dict[str, Any] = {}
+    # Bounded requests, one attempt each: the loader's own retries (ps3/data/retry.py) own the
+    # waiting through an outage and log every failure.
+    options: dict[str, Any] = {"config_kwargs": {"connect_timeout": 10, "read_timeout": 20,
+                                                 "retries": {"max_attempts": 1}}}
     endpoint = next((os.environ[v] for v in S3_ENDPOINT_VARS if os.environ.get(v)), None)
     if endpoint:
         options["endpoint_url"] = endpoint

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from .fs import filesystem, fs_uri, join
 from .records import BadSample, parse_record
+from .retry import ReadRetry, read_with
 from .shards import SampleEntry, read_sidecar, scan_shard, write_sidecar
 
 INDEX_NAME = "index.json"
@@ -74,11 +75,15 @@ def _shard_summary(fs, shard_path: str) -> dict:
     return summary | ({"error": error} if error else {})
 
 
-def read_index(uri: str) -> dict:
-    """The parsed index.json of a source; DataSourceError naming the URI if absent or bad."""
+def read_index(uri: str, reads: ReadRetry | None = None) -> dict:
+    """The parsed index.json of a source; DataSourceError naming the URI if absent or bad.
+
+    With `reads`, storage errors are retried (DataReadError when its budget is spent).
+    """
     fs, path = filesystem(uri)
+    index_path = f"{path}/{INDEX_NAME}"
     try:
-        index = json.loads(fs.cat_file(f"{path}/{INDEX_NAME}"))
+        index = json.loads(read_with(reads, fs, index_path, lambda: fs.cat_file(index_path)))
     except FileNotFoundError:
         raise DataSourceError(
             f"no {INDEX_NAME} in {uri}; build it with `platformctl data index {uri}`") from None
@@ -89,7 +94,7 @@ def read_index(uri: str) -> dict:
     return index
 
 
-def _unreadable_lead(fs, path: str, names: list[str]) -> list[str]:
+def _unreadable_lead(fs, path: str, names: list[str], reads: ReadRetry | None = None) -> list[str]:
     """'name: problem' for the shards before the first one whose first tar header is sound.
 
     Catches a source whose shards exist at the right size but hold something else
@@ -98,24 +103,36 @@ def _unreadable_lead(fs, path: str, names: list[str]) -> list[str]:
     """
     problems = []
     for name in names:
-        problem = _first_header_problem(fs, f"{path}/{name}")
+        problem = _first_header_problem(fs, f"{path}/{name}", reads)
         if problem is None:
             break
         problems.append(f"{name}: {problem}")
     return problems
 
 
-def _first_header_problem(fs, shard_path: str) -> str | None:
+def _first_header_problem(fs, shard_path: str, reads: ReadRetry | None = None) -> str | None:
     try:
-        cached = read_sidecar(fs, shard_path)
-        entry = (cached[1] if cached is not None else scan_shard(fs, shard_path).samples)[0]
+        entry = load_table(fs, shard_path, reads)[0]
         offset = min(m[0] for m in (entry.image, entry.json) if m is not None)
-        block = fs.cat_file(shard_path, start=offset - tarfile.BLOCKSIZE, end=offset)
+        block = read_with(reads, fs, shard_path,
+                          lambda: fs.cat_file(shard_path, start=offset - tarfile.BLOCKSIZE, end=offset))
         header = tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
     except (OSError, IndexError, ValueError, tarfile.TarError) as exc:
         return f"{type(exc).__name__}: {exc}"
     expected = (entry.key + ".")[:100]  # a ustar name field holds 100 bytes (pax carries longer ones)
     return None if header.name.startswith(expected) else f"first member is {header.name!r}, not {entry.key}"
+
+
+def load_table(fs, shard_path: str, reads: ReadRetry | None = None) -> list[SampleEntry]:
+    """A shard's samples from its offset table, or from a scan of the tar if the table is missing or bad.
+
+    With `reads`, storage errors are retried (DataReadError when its budget is spent); a
+    missing shard still raises FileNotFoundError.
+    """
+    cached = read_sidecar(fs, shard_path, reads)
+    if cached is not None:
+        return cached[1]
+    return read_with(reads, fs, shard_path, lambda: scan_shard(fs, shard_path)).samples
 
 
 @dataclass
@@ -133,6 +150,7 @@ class SourceIndex:
     cache_size: int = 64
     _starts: list[int] = field(default_factory=list, repr=False)
     _tables: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    reads: ReadRetry | None = field(default=None, repr=False)  # retries storage errors of its reads; None: none
 
     def __post_init__(self) -> None:
         self._starts = [0]
@@ -141,16 +159,18 @@ class SourceIndex:
         self.fs, self.path = filesystem(self.uri)
 
     @classmethod
-    def open(cls, uri: str) -> SourceIndex:
+    def open(cls, uri: str, reads: ReadRetry | None = None) -> SourceIndex:
         """Read index.json and keep the listed shards that exist with their indexed size.
 
         One listing call checks them all: a missing, emptied or truncated shard is left
-        out (with a warning); if none is left, DataSourceError names the URI.
+        out (with a warning); if none is left, DataSourceError names the URI. With
+        `reads`, storage errors of these reads are retried and the index keeps it.
         """
-        index = read_index(uri)
+        index = read_index(uri, reads)
         listed = [s for s in index["shards"] if int(s["samples"]) > 0]
         fs, path = filesystem(uri)
-        sizes = {e["name"].rsplit("/", 1)[-1]: e.get("size") for e in fs.ls(path, detail=True)}
+        sizes = {e["name"].rsplit("/", 1)[-1]: e.get("size")
+                 for e in read_with(reads, fs, path, lambda: fs.ls(path, detail=True))}
         live = [s for s in listed if s["name"] in sizes and sizes[s["name"]] == s.get("bytes", sizes[s["name"]])]
         if not live:
             raise DataSourceError(f"source {uri} has no readable shard: the {len(listed)} non-empty shards in its "
@@ -158,7 +178,7 @@ class SourceIndex:
         if len(live) < len(listed):
             log.warning("source %s: %d of %d shards missing or truncated; using the rest",
                         uri, len(listed) - len(live), len(listed))
-        unreadable = _unreadable_lead(fs, path, [s["name"] for s in live])
+        unreadable = _unreadable_lead(fs, path, [s["name"] for s in live], reads)
         if len(unreadable) == len(live):
             raise DataSourceError(f"source {uri} has no readable shard ({len(unreadable)} tried; {unreadable[0]}); "
                                   f"run `platformctl data check {uri}`")
@@ -166,7 +186,7 @@ class SourceIndex:
             log.warning("source %s: leaving out %d unreadable shards (%s)", uri, len(unreadable), unreadable[0])
         live = live[len(unreadable):]
         return cls(uri, [s["name"] for s in live], [int(s["samples"]) for s in live],
-                   int(index.get("global_captions", 0)))
+                   int(index.get("global_captions", 0)), reads=reads)
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -182,8 +202,7 @@ class SourceIndex:
         if shard_path in self._tables:
             self._tables.move_to_end(shard_path)
             return self._tables[shard_path]
-        cached = read_sidecar(self.fs, shard_path)
-        table = cached[1] if cached is not None else scan_shard(self.fs, shard_path).samples
+        table = load_table(self.fs, shard_path, self.reads)
         self._tables[shard_path] = table
         if len(self._tables) > self.cache_size:
             self._tables.popitem(last=False)

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batches import MicroBatchMaker, SourceRef
+from .retry import DataReadError, ReadRetry, one_line
 from .sampling import BatchPlanner, SamplingError, SourceInfo
 from .views import ViewConfig
 
@@ -47,6 +48,7 @@ class LoaderConfig:
     num_workers: int = 0  # worker processes per rank; 0 = produce in the calling process
     global_caption_fraction: float = 0.25  # share of each global batch that are global pairs
     prefetch_factor: int = 2  # micro-batches each worker keeps ready
+    read_retry_seconds: float = 300.0  # how long one data read retries storage errors before the job fails
 
 
 @dataclass
@@ -79,7 +81,11 @@ class PlannedLoader:
         """The stream's next item, the position moved past it."""
         if self._stream is None:
             self._stream = self._open_stream()
-        item = next(self._stream)
+        try:
+            item = next(self._stream)
+        except DataReadError as exc:  # storage down past the retry budget: fail in one line
+            self._stream = None  # a later next() reopens at the same position
+            raise one_line(exc) from exc.__cause__  # the storage error, when raised in this process
         self._pos.micro += 1
         if self._pos.micro == self.accumulation:  # step done: move the planner past its plan
             self._planner.next_batch()
@@ -112,7 +118,10 @@ class PlannedLoader:
         self.close()
 
     def bad_sample_counts(self) -> dict[str, int]:
-        """Cumulative skipped samples by reason, summed over this rank's worker processes."""
+        """Cumulative skipped samples by reason, summed over this rank's worker processes.
+
+        Storage errors retried through are counted here too, under "read_retries".
+        """
         return dict(self._bad)
 
     def close(self) -> None:
@@ -135,7 +144,9 @@ class PS3Loader(PlannedLoader):
         self.views, self.tokenize, self.config = views, tokenize, config
         self.rank, self.world_size = rank, world_size
         self.accumulation = accumulation_steps(config.global_batch, world_size, config.micro_batch)
-        self._refs = [SourceRef.open(s.name, s.uri, i) for i, s in enumerate(self.sources)]  # fails on a dead source
+        opening = ReadRetry(config.read_retry_seconds, counts=Counter())
+        self._refs = [SourceRef.open(s.name, s.uri, i, opening)  # fails on a dead source
+                      for i, s in enumerate(self.sources)]
         self._infos = [SourceInfo(s.name, sum(r.counts), s.weight, r.global_captions > 0)
                        for s, r in zip(self.sources, self._refs)]
         if sum(i.size for i in self._infos) < config.global_batch:
@@ -143,6 +154,7 @@ class PS3Loader(PlannedLoader):
                                 f"images in {[s.uri for s in self.sources]}: one image may appear once per batch")
         self._planner = self._new_planner()
         self._start()
+        self._bad.update(opening.counts)  # retries while opening the sources
 
     def _new_planner(self) -> BatchPlanner:
         return BatchPlanner(self._infos, self.config.global_batch, self.config.seed,
@@ -190,7 +202,7 @@ class _MicroBatches(IterableDataset):
     def __iter__(self) -> Iterator[tuple[dict, list[str], dict]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        maker = MicroBatchMaker(self.refs, self.views)
+        maker = MicroBatchMaker(self.refs, self.views, self.config.read_retry_seconds)
         planner = BatchPlanner(self.infos, self.config.global_batch, self.config.seed,
                                self.config.global_caption_fraction)
         planner.load_state_dict(self.start.planner)
@@ -214,12 +226,14 @@ class _MicroBatches(IterableDataset):
 def build_loader(sources: Sequence[DataSource | Mapping], *, rank: int, world_size: int, global_batch: int,
                  micro_batch: int, seed: int, scales: Sequence[int], patch_size: int, budgets: Sequence[int],
                  selection_view_size: int, context_length: int, tokenize: Tokenize, num_workers: int = 0,
-                 global_caption_fraction: float = 0.25, highres: str = "auto") -> PS3Loader:
+                 global_caption_fraction: float = 0.25, highres: str = "auto",
+                 read_retry_seconds: float = 300.0) -> PS3Loader:
     """Keyword-only adapter for a task's composition root: flat preset numbers in, loader out.
 
     `sources` are DataSource or mappings with name, uri and optional weight (the spec's
     data.sources). The preset numbers come from ps3.model's preset as plain values.
     """
     views = ViewConfig(tuple(scales), patch_size, tuple(budgets), selection_view_size, context_length, highres)
-    config = LoaderConfig(global_batch, micro_batch, seed, num_workers, global_caption_fraction)
+    config = LoaderConfig(global_batch, micro_batch, seed, num_workers, global_caption_fraction,
+                          read_retry_seconds=read_retry_seconds)
     return PS3Loader(sources, views, tokenize, rank=rank, world_size=world_size, config=config)

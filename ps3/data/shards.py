@@ -22,6 +22,7 @@ from webdataset.tariterators import base_plus_ext
 
 from .fs import filesystem, join
 from .records import IMAGE_EXTS, BadSample, Record
+from .retry import ReadRetry, read_with
 
 SIDECAR_SUFFIX = ".idx.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -148,14 +149,18 @@ def require_members(entry: SampleEntry) -> None:
         raise BadSample("missing_image", entry.key)
 
 
-def read_sample_bytes(fs, path: str, entry: SampleEntry) -> tuple[bytes, bytes]:
-    """(image bytes, json bytes) of one sample with a single ranged read."""
+def read_sample_bytes(fs, path: str, entry: SampleEntry, reads: ReadRetry | None = None) -> tuple[bytes, bytes]:
+    """(image bytes, json bytes) of one sample with a single ranged read.
+
+    With `reads`, storage errors are retried (DataReadError when its budget is spent): an
+    outage is not bad data. A missing object or a short read is a bad sample either way.
+    """
     require_members(entry)
     start = min(entry.image[0], entry.json[0])
     end = max(entry.image[0] + entry.image[1], entry.json[0] + entry.json[1])
     try:
-        blob = fs.cat_file(path, start=start, end=end)
-    except (OSError, ValueError) as exc:  # FileNotFoundError, S3 errors surface as OSError
+        blob = read_with(reads, fs, path, lambda: fs.cat_file(path, start=start, end=end))
+    except (OSError, ValueError) as exc:  # FileNotFoundError; without `reads` also S3 errors (OSErrors)
         raise BadSample("read_error", entry.key, f"{path}: {type(exc).__name__}") from None
     if len(blob) != end - start:
         raise BadSample("read_error", entry.key, f"{path}: short read")
@@ -237,10 +242,14 @@ def write_sidecar(fs, shard_path: str, samples: list[SampleEntry], size: int) ->
     fs.pipe_file(shard_path + SIDECAR_SUFFIX, json.dumps(table, separators=(",", ":")).encode())
 
 
-def read_sidecar(fs, shard_path: str) -> tuple[int, list[SampleEntry]] | None:
-    """The shard's (size, samples) from its offset table, or None if there is none."""
+def read_sidecar(fs, shard_path: str, reads: ReadRetry | None = None) -> tuple[int, list[SampleEntry]] | None:
+    """The shard's (size, samples) from its offset table, or None if there is none.
+
+    With `reads`, storage errors are retried (DataReadError when its budget is spent).
+    """
+    path = shard_path + SIDECAR_SUFFIX
     try:
-        table = json.loads(fs.cat_file(shard_path + SIDECAR_SUFFIX))
+        table = json.loads(read_with(reads, fs, path, lambda: fs.cat_file(path)))
         return int(table["bytes"]), [SampleEntry.from_list(r) for r in table["samples"]]
     except FileNotFoundError:
         return None

@@ -110,6 +110,7 @@ def loader_for(ctx: RunContext, preset: PS3Preset, tokenizer, sources, *, global
             budgets=preset.budgets, selection_view_size=preset.selection_view_size,
             context_length=preset.text_context_length, tokenize=tokenizer,
             num_workers=ctx.stage.data.num_workers, global_caption_fraction=global_caption_fraction,
+            read_retry_seconds=ctx.stage.data.read_retry_seconds,
         )
     except (DataSourceError, SamplingError) as exc:
         raise TaskSetupError(f"spec data: {exc}") from None

@@ -41,7 +41,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ps3_checkpoint_interval_seconds": ("gauge", "Expected seconds between checkpoints (intervalSteps x step time).", ()),
     "ps3_checkpoint_failures_total": ("counter", "Checkpoint save attempts that failed (retried).", ()),
     "ps3_restarts": ("gauge", "Times this run has been resumed from a checkpoint.", ()),
-    "ps3_data_bad_samples_total": ("counter", "Samples skipped as unreadable, by reason.", ("reason",)),
+    "ps3_data_bad_samples_total": ("counter", "Samples skipped as unreadable, by reason (reason read_retries: data reads retried during a storage outage).", ("reason",)),
     "ps3_nonfinite_loss_total": ("counter", "Steps whose loss was NaN or infinite.", ()),
     "ps3_mfu": ("gauge", "Model FLOPs utilisation estimate (0..1) against the device's peak.", ()),
     "ps3_curate_images_total": ("counter", "Curation inputs finished, by source and outcome (written/skipped).",

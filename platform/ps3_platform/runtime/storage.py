@@ -43,6 +43,8 @@ class StorageConfigError(StorageError):
 #: fails and is retried. botocore applies it to each socket operation, not to the transfer, so
 #: it bounds a frozen store without cutting off a large object that is still moving.
 DEFAULT_REQUEST_TIMEOUT_S = 20.0
+#: Slowest upload rate still taken for progress when sizing a write's whole-call timeout.
+MIN_WRITE_BYTES_PER_S = 4 << 20
 
 
 def storage_options(uri: str, env: dict[str, str] | None = None, *,
@@ -78,6 +80,15 @@ class Location:
     root: str  # path in the filesystem's own form: "bucket/a/b" for s3, "/a/b" for file
     url: str
     options: dict[str, Any]
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+
+    def _bounded(self, nbytes: int) -> dict[str, float]:
+        """A whole-call timeout for writes to object storage, sized to the object: a PUT to a
+        frozen store waits for its `100-continue` outside botocore's socket timeouts and would
+        hang until the store wakes up. Local filesystems take no such argument."""
+        if not getattr(self.fs, "async_impl", False):
+            return {}
+        return {"timeout": self.request_timeout_s + nbytes / MIN_WRITE_BYTES_PER_S}
 
     @property
     def is_local(self) -> bool:
@@ -103,7 +114,7 @@ class Location:
     def put_file(self, local: Path, path: str) -> None:
         if self.is_local:
             self.fs.makedirs(self.fs._parent(path), exist_ok=True)
-        self.fs.put_file(str(local), path)
+        self.fs.put_file(str(local), path, **self._bounded(local.stat().st_size))
 
     def download(self, path: str, local: Path) -> str:
         """Stream an object to a local file (one sequential read) and return its sha256."""
@@ -128,7 +139,7 @@ class Location:
         self.fs.invalidate_cache(source)
         files = self.fs.find(source)
         for path in files:
-            self.fs.copy(path, f"{target}/{path[len(source):].lstrip('/')}")
+            self.fs.copy(path, f"{target}/{path[len(source):].lstrip('/')}", **self._bounded(0))
         if files:
             self.fs.rm(files)
         self.fs.invalidate_cache(source)
@@ -141,7 +152,7 @@ class Location:
             self.fs.pipe_file(tmp, data)
             self.fs.mv(tmp, path)
         else:
-            self.fs.pipe_file(path, data)
+            self.fs.pipe_file(path, data, **self._bounded(len(data)))
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -157,7 +168,9 @@ def open_location(url: str, options: dict[str, Any] | None = None) -> Location:
     fs, root = fsspec.core.url_to_fs(url, **options)
     if hasattr(fs, "retries"):  # s3fs retries timeouts 5 times on its own, silently: ours log each one
         fs.retries = 1
-    return Location(fs=fs, root=root.rstrip("/") or root, url=url.rstrip("/"), options=options)
+    timeout = options.get("config_kwargs", {}).get("read_timeout", DEFAULT_REQUEST_TIMEOUT_S)
+    return Location(fs=fs, root=root.rstrip("/") or root, url=url.rstrip("/"), options=options,
+                    request_timeout_s=float(timeout))
 
 
 @dataclass(kw_only=True, slots=True)

@@ -303,5 +303,8 @@ def spec_hash(stage_dump: dict) -> str:
     Resources and elasticity are left out: a restart on another world size is the same run.
     """
     keys = ("task", "model", "data", "train", "params")
-    blob = json.dumps({k: stage_dump.get(k) for k in keys}, sort_keys=True).encode()
+    hashed = {k: stage_dump.get(k) for k in keys}
+    if isinstance(hashed["data"], dict):  # how long reads retry is operations, not optimisation
+        hashed["data"] = {k: v for k, v in hashed["data"].items() if k != "readRetrySeconds"}
+    blob = json.dumps(hashed, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -196,6 +196,14 @@ def test_agent_shutdown_timeout_leaves_the_workers_most_of_the_grace_period():
     assert timeout_of(extra="  env: {TORCH_ELASTIC_SHUTDOWN_TIMEOUT: '45'}") == ["45"]
 
 
+def test_stop_grace_must_fit_in_the_pods_termination_grace():
+    """A worker that waits for its upload longer than the pod lives is SIGKILLed mid-wait."""
+    grace = "  checkpoint: {stopGraceSeconds: 115}"
+    with pytest.raises(CompileError, match="stopGraceSeconds \\(115\\) must be below the 110 s"):
+        compile_one(job_yaml(extra=grace))
+    assert compile_one(job_yaml(extra=grace), CompileOptions(termination_grace_seconds=300))
+
+
 def test_env_may_not_shadow_platform_storage_settings():
     with pytest.raises(CompileError, match="AWS_ENDPOINT_URL is set by the platform"):
         compile_one(job_yaml(extra="  env: {AWS_ENDPOINT_URL: 'http://x'}"))

@@ -1,0 +1,183 @@
+"""Fault injection with the real components: SeaweedFS frozen (SIGSTOP) and thawed, real
+workers signalled, checkpoint shards damaged on disk. Each test reproduces one fault an
+operator found (issue 20) and checks what the platform now does about it.
+
+Timing figures for the same faults are measured by `bench/faults.py`; the bounds here are
+loose enough for a busy 2-core CI machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import torch
+
+from ps3_platform.backends.local import LocalBackend
+from ps3_platform.cli import _apply_resume_steps
+from ps3_platform.runtime.checkpoint import CheckpointAbandonedError, Checkpointer, step_dir_name
+from ps3_platform.testing import SeaweedS3
+
+from .test_checkpoint import checkpointer, tiny_state
+from .test_resume import _final_state, _job, _run, _steps_logged, _wait_for
+
+pytestmark = [pytest.mark.s3, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """This module's own S3 server, which the tests freeze (the session's shared one is never touched)."""
+    server = SeaweedS3(tmp_path_factory.mktemp("faults-s3")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def store_env(store, monkeypatch):
+    for key, value in store.env.items():
+        monkeypatch.setenv(key, value)  # the local backend's workers inherit them
+    return store
+
+
+class _Stop:
+    """What the worker's StopFlag offers the checkpointer: set as a SIGTERM would set it."""
+
+    def __init__(self) -> None:
+        self.requested, self.requested_at = False, None
+
+    def set(self) -> None:
+        self.requested, self.requested_at = True, time.monotonic()
+
+
+def test_frozen_store_is_noticed_within_the_request_timeout_and_the_save_commits_after(store_env, caplog):
+    uri = store_env.make_bucket("faults-stuck")
+    ck = checkpointer(uri, async_save=True, request_timeout_s=2.0, retry_budget_s=120)
+    model, state = tiny_state()
+    store_env.freeze()
+    try:
+        with caplog.at_level(logging.WARNING):
+            started = time.monotonic()
+            ck.save(1, state)
+            _wait_for(lambda: "failed (attempt 1), retrying in" in caplog.text, timeout=30, what="a logged retry")
+            detected_s = time.monotonic() - started
+    finally:
+        store_env.thaw()
+    ck.wait()
+    assert detected_s < 10, f"a frozen store went unnoticed for {detected_s:.1f} s"
+    assert "Timeout" in caplog.text or "timed out" in caplog.text
+    assert ck.latest_committed() == 1
+
+
+def test_stop_during_a_stuck_upload_abandons_it_within_the_grace(store_env):
+    uri = store_env.make_bucket("faults-grace")
+    stop = _Stop()
+    ck = checkpointer(uri, async_save=True, stop=stop, stop_grace_s=1.0)
+    _, state = tiny_state()
+    ck.save(1, state)
+    ck.wait()
+    store_env.freeze()
+    try:
+        ck.save(2, state)
+        stop.set()
+        with pytest.raises(CheckpointAbandonedError, match="last committed: step 1"):
+            ck.wait()
+        waited = time.monotonic() - stop.requested_at
+    finally:
+        store_env.thaw()
+    assert waited < 3.0, f"the worker was held {waited:.1f} s after its stop"
+    assert checkpointer(uri).latest_committed() == 1  # the abandoned step is never taken for committed
+
+
+def test_cancel_while_the_store_is_frozen_exits_in_the_grace_and_names_the_last_commit(store_env):
+    uri = store_env.make_bucket("faults-cancel")
+    backend = LocalBackend()
+    job = _job("frozen", uri, steps=400, step_seconds=0.05, async_="true")
+    job.spec.checkpoint.stop_grace_seconds = 3.0
+    backend.submit(job, [])
+    _wait_for(lambda: Checkpointer(uri=uri, job="frozen", stage="train", keep=1, keep_every=None, async_save=False,
+                                   rank=0, world_size=1).latest_committed() is not None, what="a first commit")
+    store_env.freeze()
+    try:
+        time.sleep(1.0)
+        started = time.monotonic()
+        message = backend.cancel("frozen")
+        cancel_s = time.monotonic() - started
+    finally:
+        store_env.thaw()
+    assert cancel_s < 20, f"cancel took {cancel_s:.1f} s with a 3 s stop grace"
+    assert "final save did NOT commit" in message and "last committed checkpoint is step" in message, message
+    assert "abandoned" in "\n".join(backend.logs("frozen"))
+
+
+def test_damaged_newest_checkpoint_is_set_aside_and_the_resubmitted_job_ends_bit_identical(tmp_path):
+    backend, uri = LocalBackend(), f"file://{tmp_path}/ckpt"
+    _run(backend, _job("straight", uri))
+    reference, _ = _final_state(uri, "straight")
+
+    backend.submit(_job("damaged", uri, step_seconds=0.1), [])
+    _wait_for(lambda: len(_steps_logged(backend, "damaged")) >= 12, what="12 steps")
+    backend.cancel("damaged")
+    stage_dir = tmp_path / "ckpt" / "damaged" / "train"
+    newest = max(int(p.name.split("-")[1]) for p in stage_dir.glob("step-*") if (p / "manifest.json").exists())
+    shard = max((stage_dir / step_dir_name(newest)).glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    message = backend.submit(_job("damaged", uri, step_seconds=0.1), []).message
+    assert "resuming it in place" in message
+    assert backend.wait("damaged", follow=False, poll_s=0.3) == 0, backend.status("damaged")
+    logs = "\n".join(backend.logs("damaged"))
+    assert f"checkpoint step {newest} is damaged" in logs and "falling back to the newest intact step" in logs
+    assert list((stage_dir / "set-aside").glob(f"{step_dir_name(newest)}.damaged-*/*.distcp"))
+    resumed, counters = _final_state(uri, "damaged")
+    assert counters.step == 30
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), key
+
+
+def test_resume_step_loads_the_named_step_once_and_sets_newer_ones_aside(tmp_path):
+    uri = f"file://{tmp_path}"
+    ck = checkpointer(uri, keep=5)
+    model, state = tiny_state()
+    weights = {}
+    for step in (10, 20, 30):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        weights[step] = model.weight.clone()
+        ck.save(step, state)
+    fresh, fresh_state = tiny_state(seed=9)
+    assert ck.resume_from(fresh_state, 20)[0] == 20
+    assert torch.equal(fresh.weight, weights[20])
+    assert ck.latest_committed() == 20
+    assert list((tmp_path / "job" / "stage" / "set-aside").glob("step-000000030.superseded-*/manifest.json"))
+    with torch.no_grad():
+        model.weight.add_(5.0)
+    ck.save(30, state)  # this run's own step 30
+    again, again_state = tiny_state(seed=9)
+    assert ck.resume_from(again_state, 20)[0] == 30  # a restart after the request: the newest step
+    assert torch.equal(again.weight, model.weight)
+
+
+def test_resume_step_flag_names_a_stage():
+    from ps3_platform.cli import CommandError
+    from ps3_platform.spec import load_text
+
+    single = _job("one", "file:///tmp/x")
+    _apply_resume_steps(single, ["20"])
+    assert single.spec.checkpoint.resume_step == 20
+    pipeline = load_text("""
+apiVersion: ps3.platform/v1
+kind: Pipeline
+metadata: {name: two}
+spec:
+  stages:
+  - {name: a, task: noop, resources: {pool: cpu}, train: {steps: 2}}
+  - {name: b, task: noop, dependsOn: [a], resources: {pool: cpu}, train: {steps: 2}}
+""").job
+    _apply_resume_steps(pipeline, ["b=7"])
+    assert [s.checkpoint.resume_step for s in pipeline.spec.stages] == [None, 7]
+    for bad in (["7"], ["c=7"], ["b=x"], ["b=0"]):
+        with pytest.raises(CommandError):
+            _apply_resume_steps(pipeline, bad)
