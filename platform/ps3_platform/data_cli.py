@@ -13,13 +13,15 @@ from rich.table import Table
 
 def run_data_command(args: argparse.Namespace) -> int:
     from ps3.data import DataSourceError, build_index, check_source
+    from ps3_platform.runtime.storage import StorageError, check_storage
 
     if args.data_command == "import-llava":
         return _import_llava(args)
 
     try:
+        check_storage(args.uri)  # a dead or frozen store: one line in seconds, not minutes of silence
         report = build_index(args.uri) if args.data_command == "index" else check_source(args.uri)
-    except DataSourceError as exc:
+    except (DataSourceError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.output == "json":

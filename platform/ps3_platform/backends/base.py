@@ -39,6 +39,7 @@ class StageStatus:
     exit_code: int | None = None
     workers: int | None = None
     message: str = ""
+    storage: str = ""  # checkpoint uploads failing: since when, how many retries, the last error
 
 
 @dataclass
@@ -54,6 +55,7 @@ class JobStatus:
     checkpoints: str | None = None
     created: float | None = None
     finished: float | None = None
+    message: str = ""  # what the phase alone does not say (e.g. orphaned workers)
 
     @property
     def done(self) -> bool:

@@ -47,12 +47,16 @@ def progress_line(status: JobStatus) -> str:
                          + (f" ({bad} bad samples skipped)" if bad else ""))
         else:
             parts.append(f"{stage.name} {stage.phase}")
+        if stage.storage:
+            parts.append(f"{stage.name} {stage.storage}")
     return " | ".join(parts)
 
 
 def print_status(status: JobStatus, console: Console | None = None) -> None:
     console = console or Console()
     console.print(f"[bold]{status.name}[/bold] ({status.kind}, {status.backend}): [bold]{status.phase}[/bold]")
+    if status.message:
+        console.print(status.message, soft_wrap=True)
     table = Table("STAGE", "PHASE", "STEP", "LOSS", "SAMPLES/S", "ETA", "RESTARTS")
     for s in status.stages:
         step = f"{s.step}/{s.total_steps}" if s.step is not None else f"-/{_fmt(s.total_steps)}"
@@ -65,6 +69,8 @@ def print_status(status: JobStatus, console: Console | None = None) -> None:
     for s in status.stages:
         if s.phase == "Running" and s.message.startswith("stalled"):
             console.print(f"{s.name}: {s.message}", soft_wrap=True)
+        if s.storage:
+            console.print(f"{s.name}: {s.storage}", soft_wrap=True)
     if status.eval:
         print_eval(status.eval, console)
     for stage, summary in status.curation.items():

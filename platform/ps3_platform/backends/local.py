@@ -39,6 +39,10 @@ def _alive(pid: int | None) -> bool:
     if not pid:
         return False
     try:
+        os.waitpid(pid, os.WNOHANG)  # a dead child of this process (a test's supervisor) is a zombie until reaped
+    except ChildProcessError:
+        pass
+    try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
@@ -48,13 +52,19 @@ def _alive(pid: int | None) -> bool:
 
 
 def _group_alive(pgid: int | None) -> bool:
-    """True while any process of the group is still running (zombies do not count).
+    """True while any process of the group is still running (zombies do not count)."""
+    return bool(_group_members(pgid))
+
+
+def _group_members(pgid: int | None) -> list[int]:
+    """Live (non-zombie) processes of the run's process group: supervisor, torchrun, workers.
 
     A zombie is dead but keeps its group id until its parent reaps it, so `killpg(pgid, 0)`
-    alone would report a cancelled run as alive; on Linux /proc tells them apart.
+    alone would report a cancelled run as alive; on Linux /proc tells them apart (elsewhere
+    the group leader stands for the group).
     """
     if not pgid:
-        return False
+        return []
     try:
         os.waitpid(pgid, os.WNOHANG)  # reap the supervisor if this process started it
     except ChildProcessError:
@@ -64,16 +74,17 @@ def _group_alive(pgid: int | None) -> bool:
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
-            return False
-        return True
+            return []
+        return [pgid]
+    members = []
     for stat in proc.glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+            members.append(int(stat.parent.name))
+    return members
 
 
 def _records(path: Path) -> Iterator[dict]:
@@ -139,6 +150,19 @@ def _check_storage(job: JobSpec) -> None:
             check_storage(uri)
         except StorageError as exc:
             raise BackendError(f"storage check failed: {exc}") from None
+
+
+def _storage_trouble(path: Path) -> str:
+    """One line on failing checkpoint uploads, from the records the checkpointer writes on every
+    storage failure and on the first commit after them; "" when the last upload went through."""
+    last = next((r for r in reversed(list(_records(path))) if "checkpoint" in r), {})
+    if last.get("checkpoint") not in ("failing", "failed"):
+        return ""
+    since = time.strftime("%H:%M:%S", time.localtime(last.get("since", last.get("time", 0))))
+    verb = "failing" if last["checkpoint"] == "failing" else "FAILED (retry budget spent)"
+    failed = last.get("retries", 0)
+    return (f"checkpoint uploads {verb} since {since} ({failed} failed request{'s' * (failed != 1)}); "
+            f"last error: {last.get('error', '?')}")
 
 
 def _last_event(path: Path) -> dict:
@@ -260,8 +284,12 @@ class LocalBackend(Backend):
         state = self._read_state(name)
         run_dir = self.run_dir(name)
         phase = state["phase"]
+        orphans = []
         if phase not in TERMINAL_PHASES and state.get("supervisor_pid") and not _alive(state["supervisor_pid"]):
-            phase = "Failed"  # the supervisor died without writing a final phase
+            # The supervisor died without writing a final phase. Its workers get SIGTERM and stop
+            # with a checkpoint; until they are gone the job is not Failed yet.
+            orphans = _group_members(state.get("pgid"))
+            phase = "Running" if orphans else "Failed"
         order = state.get("order", list(state["stages"]))  # state.json's keys are sorted; keep run order
         stages = [self._stage_status(run_dir, name_, state["stages"][name_]) for name_ in order]
         evaluation, curation = {}, {}
@@ -272,9 +300,12 @@ class LocalBackend(Backend):
             curation_file = run_dir / stage.name / CURATION_RECORD
             if curation_file.exists():
                 curation[stage.name] = json.loads(curation_file.read_text())
+        message = (f"the supervisor (pid {state['supervisor_pid']}) is gone; {len(orphans)} of its processes are "
+                   f"still running and stop with a checkpoint (`platformctl cancel {name}` stops them now)"
+                   if orphans else "")
         return JobStatus(name=name, kind=state["kind"], backend="local", phase=phase, stages=stages,
                          eval=evaluation, curation=curation, checkpoints=self._checkpoint_location(run_dir),
-                         created=state.get("created"), finished=state.get("finished"))
+                         created=state.get("created"), finished=state.get("finished"), message=message)
 
     def _stage_status(self, run_dir: Path, name: str, entry: dict) -> StageStatus:
         record = _last_jsonl(run_dir / name / "metrics.jsonl")
@@ -291,6 +322,8 @@ class LocalBackend(Backend):
                 status.message = f"stalled: no step for {int(stalled)} s (last: step {status.step})"
             elif status.phase == "Running" and record.get("step_seconds"):
                 status.eta_s = round((status.total_steps - status.step) * record["step_seconds"], 1)
+        if status.phase == "Running":
+            status.storage = _storage_trouble(run_dir / name / "metrics.jsonl")
         status.restarts = len(list((run_dir / "logs" / name).glob("*/attempt_*"))) - 1 if (
             run_dir / "logs" / name).exists() else 0
         status.restarts = max(0, status.restarts)
@@ -340,6 +373,7 @@ class LocalBackend(Backend):
         if state["phase"] in TERMINAL_PHASES and not _group_alive(pgid):
             return f"job {name!r} already {state['phase'].lower()}"
         started_before = time.time()
+        orphans = [] if _alive(state.get("supervisor_pid")) else _group_members(pgid)
         if _group_alive(pgid):
             os.killpg(pgid, signal.SIGTERM)  # workers checkpoint and exit; supervisor records Cancelled
             deadline = time.time() + grace_s
@@ -360,6 +394,8 @@ class LocalBackend(Backend):
         saved = [self._what_was_saved(name, stage, started_before)
                  for stage, entry in state["stages"].items() if entry.get("phase") == "Cancelled"
                  and entry.get("started")]
+        if orphans:
+            saved.append(f"its supervisor was already gone: stopped {len(orphans)} orphaned processes")
         return f"job {name!r} cancelled; " + "".join(f"{line}; " for line in saved if line) + "no process left running"
 
     def _what_was_saved(self, name: str, stage: str, cancelled_at: float) -> str:

@@ -24,6 +24,7 @@ from ps3_platform.ports import free_port, port_free
 
 #: Seconds workers get to checkpoint after a cancel before they are killed.
 GRACE_SECONDS = 30
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class RunState:
@@ -45,6 +46,17 @@ def write_state(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
     tmp.replace(path)
+
+
+def _stop_with_parent() -> None:
+    """In the torchrun child, before exec: SIGTERM it when the supervisor dies (even by kill -9),
+    so its workers checkpoint and exit instead of training on unsupervised. Linux only."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: `status` and `cancel` still find orphans
+        pass
 
 
 def torchrun_command(run_dir: Path, stage_name: str, nproc: int, max_restarts: int, port: int) -> list[str]:
@@ -102,7 +114,8 @@ class Supervisor:
         cmd = torchrun_command(self.run_dir, stage.name, nproc, restarts, free_port())
         self._set_stage(stage.name, "Running", started=time.time(), workers=nproc)
         with (self.run_dir / "logs" / f"{stage.name}.agent.log").open("ab") as agent_log:
-            self.child = subprocess.Popen(cmd, env=env, stdout=agent_log, stderr=subprocess.STDOUT)
+            self.child = subprocess.Popen(cmd, env=env, stdout=agent_log, stderr=subprocess.STDOUT,
+                                          preexec_fn=_stop_with_parent)
             deadline = None
             while self.child.poll() is None:
                 if self.cancelled and deadline is None:

@@ -80,7 +80,8 @@ def load_weights(model, url: str, world: WorldInfo, metrics: Metrics) -> int:
     return step
 
 
-def _checkpointer(job: JobSpec, stage: Stage, world: WorldInfo, metrics: Metrics, run_dir: Path, stop: StopFlag):
+def _checkpointer(job: JobSpec, stage: Stage, world: WorldInfo, metrics: Metrics, run_dir: Path, stop: StopFlag,
+                  jsonl: JsonlLog):
     from .checkpoint import Checkpointer
 
     ckpt = stage.checkpoint
@@ -88,7 +89,7 @@ def _checkpointer(job: JobSpec, stage: Stage, world: WorldInfo, metrics: Metrics
         uri=checkpoint_uri(stage, run_dir), job=job.metadata.name, stage=stage.name, keep=ckpt.keep,
         keep_every=ckpt.keep_every, async_save=ckpt.async_, rank=world.rank, world_size=world.world_size,
         metrics=metrics, retry_budget_s=ckpt.retry_budget_seconds, request_timeout_s=ckpt.request_timeout_seconds,
-        stop=stop, stop_grace_s=ckpt.stop_grace_seconds,
+        stop=stop, stop_grace_s=ckpt.stop_grace_seconds, note=jsonl.write,
     )
 
 
@@ -129,7 +130,7 @@ def run_stage(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, log
         except StorageError as exc:  # down or silent: maybe an outage, which the retry budget rides out
             log.warning("%s; continuing with the checkpoint retry budget", exc)
         jsonl = JsonlLog(run_dir / "metrics.jsonl" if world.is_main else None)
-        checkpointer = _checkpointer(job, stage, world, metrics, run_dir, stop)
+        checkpointer = _checkpointer(job, stage, world, metrics, run_dir, stop, jsonl)
         trainer = Trainer(ctx, task, world, checkpointer, spec_hash=spec_hash, allow_spec_change=allow_spec_change,
                           stop=stop, log=jsonl)
         outcome = "failed"

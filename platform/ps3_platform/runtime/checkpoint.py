@@ -49,6 +49,7 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,14 +298,16 @@ class Checkpointer:
                  retry_budget_s: float = 300.0, staging_dir: str | Path | None = None,
                  io_threads: int = 4, storage_options: dict[str, Any] | None = None,
                  request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, stop: Any = None,
-                 stop_grace_s: float = 10.0):
+                 stop_grace_s: float = 10.0, note: Callable[[dict], None] | None = None):
         """`retry_budget_s`: how long one save may keep retrying storage errors (an outage
         of a few minutes is survived); `staging_dir`: where staged copies go (default
         `default_staging_root()`); `io_threads`: files per rank, written and uploaded in
         parallel; `storage_options`: fsspec options (default: from the environment, with
         `request_timeout_s`); `stop`: the worker's stop flag (`.requested`, `.requested_at`):
         once it is set, a save that has not committed within `stop_grace_s` of the signal
-        is abandoned, so a stuck upload cannot hold a worker past its pod's grace period."""
+        is abandoned, so a stuck upload cannot hold a worker past its pod's grace period;
+        `note(record)` receives `{"checkpoint": "failing" | "failed" | "committed", ...}` on every
+        storage failure and on the first commit after one (what `status` shows of an outage)."""
         _check_arguments(job=job, stage=stage, keep=keep, keep_every=keep_every, rank=rank,
                          world_size=world_size, io_threads=io_threads)
         self.job, self.stage = job, stage
@@ -319,6 +322,8 @@ class Checkpointer:
             storage_options = _default_options(url, request_timeout_s)
         self.location: Location = open_location(url, storage_options)
         self._stop, self.stop_grace_s = stop, stop_grace_s
+        self._note = note
+        self._trouble: dict | None = None  # the storage failures since the last commit
         self._abandon = threading.Event()
         self._inflight_step: int | None = None
         self._staging_root = Path(staging_dir) if staging_dir is not None else default_staging_root()
@@ -676,6 +681,9 @@ class Checkpointer:
             self.metrics.checkpoint_committed(time.time(), nbytes)
         log.info("checkpoint step %d committed (%.1f MB from rank %d, upload %.1fs)",
                  staged.step, nbytes / 1e6, self.rank, seconds)
+        if self._trouble is not None:
+            self._trouble = None
+            self._tell({"checkpoint": "committed", "step": staged.step})
         self.committed_step = max(staged.step, self.committed_step or 0)
         if self.rank == 0:
             self._retain_quietly()
@@ -856,9 +864,21 @@ class Checkpointer:
         return retry(fn, what=what, deadline=deadline, policy=self.policy, on_failure=self._on_failure,
                      abandoned=self._should_abandon)
 
+    def _tell(self, record: dict) -> None:
+        if self._note is not None:
+            try:
+                self._note(record)
+            except Exception as exc:  # noqa: BLE001 - reporting must never break a save
+                log.debug("checkpoint note failed: %s", exc)
+
     def _on_failure(self, what: str, exc: BaseException, attempt: int, delay: float | None) -> None:
         if self.metrics is not None:
             self.metrics.get("ps3_checkpoint_failures_total").inc()
+        trouble = self._trouble or {"since": round(time.time(), 3), "retries": 0}
+        trouble["retries"] += 1
+        trouble["error"] = f"{what}: {type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+        self._trouble = trouble
+        self._tell({"checkpoint": "failing" if delay is not None else "failed", **trouble})
         if delay is None:
             log.error("checkpoint %s failed (attempt %d), giving up: %s: %s", what, attempt, type(exc).__name__, exc)
         else:

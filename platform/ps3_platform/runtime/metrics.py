@@ -9,6 +9,7 @@ one here and `tests/ops` will say which panel broke.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,13 +106,16 @@ class JsonlLog:
 
     def __init__(self, path: Path | None):
         self._file: IO[str] | None = None
+        self._lock = threading.Lock()  # the checkpointer's upload thread writes too
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = path.open("a", buffering=1)
 
     def write(self, record: dict) -> None:
         if self._file is not None:
-            self._file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            line = json.dumps({"time": round(time.time(), 3), **record}) + "\n"
+            with self._lock:
+                self._file.write(line)
 
     def close(self) -> None:
         if self._file is not None:

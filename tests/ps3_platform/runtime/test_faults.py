@@ -89,17 +89,22 @@ def test_stop_during_a_stuck_upload_abandons_it_within_the_grace(store_env):
     assert checkpointer(uri).latest_committed() == 1  # the abandoned step is never taken for committed
 
 
-def test_cancel_while_the_store_is_frozen_exits_in_the_grace_and_names_the_last_commit(store_env):
+def test_frozen_store_shows_in_status_and_cancel_exits_in_the_grace_naming_the_last_commit(store_env):
+    from ps3_platform.backends.display import progress_line
+
     uri = store_env.make_bucket("faults-cancel")
     backend = LocalBackend()
     job = _job("frozen", uri, steps=400, step_seconds=0.05, async_="true")
     job.spec.checkpoint.stop_grace_seconds = 3.0
+    job.spec.checkpoint.request_timeout_seconds = 2.0
     backend.submit(job, [])
     _wait_for(lambda: Checkpointer(uri=uri, job="frozen", stage="train", keep=1, keep_every=None, async_save=False,
                                    rank=0, world_size=1).latest_committed() is not None, what="a first commit")
     store_env.freeze()
     try:
-        time.sleep(1.0)
+        _wait_for(lambda: backend.status("frozen").stages[0].storage, timeout=60, what="status to show the failures")
+        line = progress_line(backend.status("frozen"))
+        assert "checkpoint uploads failing since" in line and "failed request" in line and "); last error: " in line, line
         started = time.monotonic()
         message = backend.cancel("frozen")
         cancel_s = time.monotonic() - started
@@ -181,3 +186,50 @@ spec:
     for bad in (["7"], ["c=7"], ["b=x"], ["b=0"]):
         with pytest.raises(CommandError):
             _apply_resume_steps(pipeline, bad)
+
+
+def test_data_check_against_a_frozen_store_fails_in_one_line(store_env, capsys):
+    from ps3_platform.cli import main
+
+    uri = store_env.make_bucket("faults-data-check")
+    store_env.freeze()
+    try:
+        started = time.monotonic()
+        code = main(["data", "check", f"{uri}/scene"])
+        took = time.monotonic() - started
+    finally:
+        store_env.thaw()
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and took < 20, (code, took)
+    assert len(err.splitlines()) == 1 and "did not answer" in err and "faults-data-check" in err, err
+
+
+def test_workers_of_a_killed_supervisor_stop_with_a_checkpoint_and_status_never_says_failed_early(tmp_path):
+    import json
+    import os
+    import signal
+
+    from ps3_platform.backends.local import _group_alive, _last_event
+
+    backend, uri = LocalBackend(), f"file://{tmp_path}/ckpt"
+    for name in ("orphaned", "cancelled"):
+        backend.submit(_job(name, uri, steps=200, step_seconds=0.5), [])
+        _wait_for(lambda: len(_steps_logged(backend, name)) >= 2, what="2 steps")
+        state = json.loads((backend.run_dir(name) / "state.json").read_text())
+        os.kill(state["supervisor_pid"], signal.SIGKILL)
+
+        def noticed() -> bool:
+            status = backend.status(name)
+            assert status.phase == "Running", status  # never Failed while its workers run
+            return "is gone" in status.message
+
+        _wait_for(noticed, timeout=10, what="status to notice the supervisor is gone")
+        if name == "cancelled":
+            message = backend.cancel(name)
+            assert "its supervisor was already gone: stopped" in message and "orphaned processes" in message, message
+            continue
+        # Nobody cancels: torchrun gets SIGTERM when its supervisor dies; the workers save and exit.
+        _wait_for(lambda: not _group_alive(state["pgid"]), timeout=60, what="the orphaned workers to stop")
+        assert backend.status(name).phase == "Failed"
+        end = _last_event(backend.run_dir(name) / "train" / "metrics.jsonl")
+        assert end["event"] == "preempted" and end["committed"] == end["step"], end
