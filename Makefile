@@ -15,7 +15,7 @@ PIP    := $(PY) -m pip
 TORCH  := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install install-test system-deps ocr-deps quickstart curate-quickstart test bench-quick clean
+.PHONY: install install-test system-deps ocr-deps quickstart curate-quickstart test bench-quick clean faults
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -58,6 +58,9 @@ curate-quickstart: install ocr-deps
 
 test: install-test
 	PS3_REQUIRE_PROMETHEUS=1 PS3_REQUIRE_NATIVE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+faults: install-test
+	$(PY) -m pytest -m faults $(PYTEST_ARGS)
 
 bench-quick: install-test
 	for b in bench/*.py; do $(PY) $$b --quick || exit 1; done

@@ -73,6 +73,7 @@ def _loader(sources: list[DataSource], **config) -> PS3Loader:
                      config=LoaderConfig(8, 4, **config))
 
 
+@pytest.mark.faults
 def test_loader_rides_out_an_s3_outage_with_the_same_batches(own_s3):
     """Reads in this process (no workers) fail once the store is stopped and retry until a thread restarts it."""
     sources = _sources(own_s3, "ps3-outage")
@@ -93,6 +94,7 @@ def test_loader_rides_out_an_s3_outage_with_the_same_batches(own_s3):
     assert set(counts) == {"read_retries"} and counts["read_retries"] > 0  # retried, nothing skipped
 
 
+@pytest.mark.faults
 def test_s3_down_past_the_read_retry_budget_fails_in_one_line_naming_the_shard(own_s3):
     loader = _loader(_sources(own_s3, "ps3-down"), read_retry_seconds=1, num_workers=2)
     own_s3.stop()

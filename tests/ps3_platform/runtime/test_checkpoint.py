@@ -190,6 +190,7 @@ def test_resaving_a_step_uncommits_the_stale_manifest_first(tmp_path, monkeypatc
     assert torch.equal(fresh.weight, expected)
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("store", ["file", "s3"])
 def test_damaged_newest_step_is_set_aside_and_the_previous_one_loaded(store, tmp_path, request, caplog):
     """A shard that fails its sha256 (same size: listings cannot see it) is caught on either
@@ -374,6 +375,7 @@ def test_retention_on_storage_counts_only_committed_steps(tmp_path):
 
 
 # ---- S3 outage -----------------------------------------------------------------------------
+@pytest.mark.faults
 def test_s3_outage_of_30s_is_survived_by_async_and_sync_saves(tmp_path, caplog):
     server = SeaweedS3(tmp_path / "own-s3").start()
     try:

@@ -22,7 +22,7 @@ from ps3_platform.testing import SeaweedS3
 from .test_checkpoint import checkpointer, tiny_state
 from .test_resume import _final_state, _job, _run, _steps_logged, _wait_for
 
-pytestmark = [pytest.mark.s3, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.faults, pytest.mark.s3, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +233,28 @@ def test_workers_of_a_killed_supervisor_stop_with_a_checkpoint_and_status_never_
         assert backend.status(name).phase == "Failed"
         end = _last_event(backend.run_dir(name) / "train" / "metrics.jsonl")
         assert end["event"] == "preempted" and end["committed"] == end["step"], end
+
+
+def test_kill_9_of_a_rank_during_a_stuck_upload_restarts_the_group_promptly(store_env):
+    import os
+    import signal
+
+    uri = store_env.make_bucket("faults-kill")
+    backend = LocalBackend()
+    job = _job("killup", uri, steps=60, step_seconds=0.05, async_="true")
+    job.spec.checkpoint.request_timeout_seconds = 2.0
+    backend.submit(job, [])
+    _wait_for(lambda: Checkpointer(uri=uri, job="killup", stage="train", keep=1, keep_every=None, async_save=False,
+                                   rank=0, world_size=1).latest_committed() is not None, what="a first commit")
+    store_env.freeze()
+    try:
+        _wait_for(lambda: backend.status("killup").stages[0].storage, timeout=60, what="an upload to be stuck")
+        os.kill(int((backend.run_dir("killup") / "train" / "rank-1.pid").read_text()), signal.SIGKILL)
+        killed = time.monotonic()
+    finally:
+        store_env.thaw()
+    _wait_for(lambda: any(r.get("attempt", 0) >= 1 for r in _steps_logged(backend, "killup")), timeout=120,
+              what="a step of the restarted group")
+    assert time.monotonic() - killed < 30  # was 36 s when a stuck wait ignored SIGTERM (bench/faults.py: ~8 s)
+    assert backend.wait("killup", follow=False, poll_s=0.3) == 0, backend.status("killup")
+    assert _final_state(uri, "killup")[1].step == 60

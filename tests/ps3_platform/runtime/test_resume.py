@@ -72,6 +72,7 @@ def _run(backend, job) -> None:
     assert backend.wait(job.metadata.name, follow=False, poll_s=0.3) == 0, backend.status(job.metadata.name)
 
 
+@pytest.mark.faults
 def test_sigkill_mid_run_resumes_bit_identical(tmp_path):
     backend, uri = LocalBackend(), f"file://{tmp_path}/ckpt"
     _run(backend, _job("straight", uri))
@@ -140,6 +141,7 @@ def _sigterm_after_three_steps(tmp_path, name: str, launcher: list[str], procs: 
     return proc.returncode, err
 
 
+@pytest.mark.faults
 def test_sigterm_commits_a_checkpoint_and_exits_retryable(tmp_path):
     """One worker, no agent: SIGTERM -> finish the step, checkpoint, exit 143."""
     import sys
@@ -165,6 +167,7 @@ def test_sigterm_to_the_pod_launcher_exits_retryable_after_the_checkpoint(tmp_pa
     assert "stopped by SIGTERM; exiting 143 (retryable)" in err
 
 
+@pytest.mark.faults
 def test_s3_outage_of_30s_during_training_is_survived(tmp_path):
     server = SeaweedS3(tmp_path / "s3").start()
     try:

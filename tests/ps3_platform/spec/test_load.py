@@ -125,12 +125,14 @@ def _validate(tmp_path, capsys, content: bytes, *extra: str) -> list[str]:
     return capsys.readouterr().err.strip().splitlines()
 
 
+@pytest.mark.faults
 def test_alias_bomb_is_refused_at_once(tmp_path, capsys):
     assert len(BOMB) < 500
     (err,) = _validate(tmp_path, capsys, BOMB.encode())
     assert err.startswith(f"{tmp_path / 'hostile.yaml'}:") and "expands to more than 10000 values" in err
 
 
+@pytest.mark.faults
 def test_non_utf8_byte_is_located(tmp_path, capsys):
     (err,) = _validate(tmp_path, capsys, JOB.encode().replace(b"task: noop", b"task: no\xffop"))
     line = next(i for i, text in enumerate(JOB.splitlines(), 1) if "task: noop" in text)
@@ -138,6 +140,7 @@ def test_non_utf8_byte_is_located(tmp_path, capsys):
     assert err == f"{tmp_path / 'hostile.yaml'}:{line}:{col}: not UTF-8: byte 0xff (save the spec as UTF-8)"
 
 
+@pytest.mark.faults
 def test_deep_nesting_is_refused_with_a_position(tmp_path, capsys):
     (err,) = _validate(tmp_path, capsys, b"spec: " + b"[" * 100_000 + b"]" * 100_000 + b"\n")
     assert err.startswith(f"{tmp_path / 'hostile.yaml'}:1:") and "nested deeper than 64 levels" in err
