@@ -152,12 +152,18 @@ def _check_storage(job: JobSpec) -> None:
             raise BackendError(f"storage check failed: {exc}") from None
 
 
-def _storage_trouble(path: Path) -> str:
-    """One line on failing checkpoint uploads, from the records the checkpointer writes on every
-    storage failure and on the first commit after them; "" when the last upload went through."""
-    last = next((r for r in reversed(list(_records(path))) if "checkpoint" in r), {})
-    if last.get("checkpoint") not in ("failing", "failed"):
+def _storage_trouble(stage_dir: Path) -> str:
+    """One line on failing checkpoint uploads, from the records each rank's checkpointer writes
+    (`checkpoint-rank-N.jsonl`) on every storage failure and on the first commit after them;
+    "" when every rank's last upload went through. The rank failing longest is shown."""
+    troubled = []
+    for path in stage_dir.glob("checkpoint-rank-*.jsonl"):
+        last = next((r for r in reversed(list(_records(path))) if "checkpoint" in r), {})
+        if last.get("checkpoint") in ("failing", "failed"):
+            troubled.append(last)
+    if not troubled:
         return ""
+    last = min(troubled, key=lambda r: r.get("since", r.get("time", 0)))
     since = time.strftime("%H:%M:%S", time.localtime(last.get("since", last.get("time", 0))))
     verb = "failing" if last["checkpoint"] == "failing" else "FAILED (retry budget spent)"
     failed = last.get("retries", 0)
@@ -323,7 +329,7 @@ class LocalBackend(Backend):
             elif status.phase == "Running" and record.get("step_seconds"):
                 status.eta_s = round((status.total_steps - status.step) * record["step_seconds"], 1)
         if status.phase == "Running":
-            status.storage = _storage_trouble(run_dir / name / "metrics.jsonl")
+            status.storage = _storage_trouble(run_dir / name)
         status.restarts = len(list((run_dir / "logs" / name).glob("*/attempt_*"))) - 1 if (
             run_dir / "logs" / name).exists() else 0
         status.restarts = max(0, status.restarts)

@@ -13,11 +13,12 @@ from pathlib import Path
 from ps3_platform.spec import BatchPlan, JobSpec, Stage
 from ps3_platform.spec.models import expand_run_placeholder
 
-from .checkpoint import CheckpointCorruptError, CheckpointNotFoundError
+from .checkpoint import CheckpointCorruptError, CheckpointError, Checkpointer, CheckpointNotFoundError
 from .distributed import WorldInfo, init_distributed, parallelize, shutdown_distributed
 from .gpu import start_gpu_sampler
 from .metrics import JsonlLog, Metrics
 from .optim import build_optimizer, build_scheduler
+from .peers import Peers
 from .signals import StopFlag
 from .state import seed_everything
 from .storage import StorageConfigError, StorageError, check_storage
@@ -67,7 +68,6 @@ def _context(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, metr
 
 def load_weights(model, url: str, world: WorldInfo, metrics: Metrics) -> int:
     """Model weights (no optimizer) from a committed checkpoint of another stage."""
-    from .checkpoint import Checkpointer, CheckpointError
     from .state import ModelAndOptimizer
 
     base, job, stage = (url.rstrip("/").rsplit("/", 2) + ["", ""])[:3]
@@ -81,15 +81,16 @@ def load_weights(model, url: str, world: WorldInfo, metrics: Metrics) -> int:
 
 
 def _checkpointer(job: JobSpec, stage: Stage, world: WorldInfo, metrics: Metrics, run_dir: Path, stop: StopFlag,
-                  jsonl: JsonlLog):
-    from .checkpoint import Checkpointer
-
+                  notes: JsonlLog) -> Checkpointer:
+    """`notes`: this rank's storage-failure records (`checkpoint-rank-N.jsonl`, read by `status`):
+    every rank's, since a rank waiting on a commit may be the only one that sees the store fail."""
     ckpt = stage.checkpoint
     return Checkpointer(
         uri=checkpoint_uri(stage, run_dir), job=job.metadata.name, stage=stage.name, keep=ckpt.keep,
         keep_every=ckpt.keep_every, async_save=ckpt.async_, rank=world.rank, world_size=world.world_size,
         metrics=metrics, retry_budget_s=ckpt.retry_budget_seconds, request_timeout_s=ckpt.request_timeout_seconds,
-        stop=stop, stop_grace_s=ckpt.stop_grace_seconds, note=jsonl.write,
+        stop=stop, stop_grace_s=ckpt.stop_grace_seconds, note=notes.write,
+        peers=Peers.from_env(world.restart_count) if world.world_size > 1 else None,
     )
 
 
@@ -130,7 +131,9 @@ def run_stage(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, log
         except StorageError as exc:  # down or silent: maybe an outage, which the retry budget rides out
             log.warning("%s; continuing with the checkpoint retry budget", exc)
         jsonl = JsonlLog(run_dir / "metrics.jsonl" if world.is_main else None)
-        checkpointer = _checkpointer(job, stage, world, metrics, run_dir, stop, jsonl)
+        notes = JsonlLog(run_dir / f"checkpoint-rank-{world.rank}.jsonl")
+        notes.write({"checkpoint": "started"})  # a failure noted by an earlier attempt is history
+        checkpointer = _checkpointer(job, stage, world, metrics, run_dir, stop, notes)
         trainer = Trainer(ctx, task, world, checkpointer, spec_hash=spec_hash, allow_spec_change=allow_spec_change,
                           stop=stop, log=jsonl)
         outcome = "failed"
@@ -144,6 +147,7 @@ def run_stage(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, log
             committed = checkpointer.committed_step if checkpointer is not None else None
             jsonl.write({"event": outcome, "step": trainer.counters.step, "committed": committed})
             jsonl.close()
+            notes.close()
         return outcome
     finally:
         shutdown_distributed()

@@ -298,7 +298,7 @@ class Checkpointer:
                  retry_budget_s: float = 300.0, staging_dir: str | Path | None = None,
                  io_threads: int = 4, storage_options: dict[str, Any] | None = None,
                  request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, stop: Any = None,
-                 stop_grace_s: float = 10.0, note: Callable[[dict], None] | None = None):
+                 stop_grace_s: float = 10.0, note: Callable[[dict], None] | None = None, peers: Any = None):
         """`retry_budget_s`: how long one save may keep retrying storage errors (an outage
         of a few minutes is survived); `staging_dir`: where staged copies go (default
         `default_staging_root()`); `io_threads`: files per rank, written and uploaded in
@@ -307,7 +307,9 @@ class Checkpointer:
         once it is set, a save that has not committed within `stop_grace_s` of the signal
         is abandoned, so a stuck upload cannot hold a worker past its pod's grace period;
         `note(record)` receives `{"checkpoint": "failing" | "failed" | "committed", ...}` on every
-        storage failure and on the first commit after one (what `status` shows of an outage)."""
+        storage failure and on the first commit after one (what `status` shows of an outage);
+        `peers` (`runtime.peers.Peers`) tells a dead rank from a slow one, so a save that waits
+        on a killed rank's upload fails at once instead of at the end of its budget."""
         _check_arguments(job=job, stage=stage, keep=keep, keep_every=keep_every, rank=rank,
                          world_size=world_size, io_threads=io_threads)
         self.job, self.stage = job, stage
@@ -323,6 +325,7 @@ class Checkpointer:
         self.location: Location = open_location(url, storage_options)
         self._stop, self.stop_grace_s = stop, stop_grace_s
         self._note = note
+        self._peers = peers
         self._trouble: dict | None = None  # the storage failures since the last commit
         self._abandon = threading.Event()
         self._inflight_step: int | None = None
@@ -572,9 +575,10 @@ class Checkpointer:
                     raise self._abandoned_error(self._inflight_step)
             self._thread = None
         if self._error is not None:
-            if isinstance(self._error, StorageAbandonedError):
-                self._error, step = None, self._error_step
-                raise self._abandoned_error(step)
+            if isinstance(self._error, StorageAbandonedError) or (self._stop is not None and self._stop.requested):
+                error, step = self._error, self._error_step
+                self._error = None
+                raise self._abandoned_error(step) from error
             error, step = self._error, self._error_step
             self._error, self._error_step = None, None
             raise CheckpointUploadError(f"checkpoint step {step} was not committed: {error}") from error
@@ -728,6 +732,7 @@ class Checkpointer:
                 return found
             if self._should_abandon():
                 raise StorageAbandonedError(f"waiting for the other ranks' uploads of step {staged.step} abandoned")
+            self._fail_if_gone(set(range(self.world_size)) - set(found), staged.step)
             if time.monotonic() > deadline:
                 missing = sorted(set(range(self.world_size)) - set(found))
                 raise StorageError(f"ranks {missing} did not finish uploading step {staged.step} in time")
@@ -742,10 +747,15 @@ class Checkpointer:
                 return
             if self._should_abandon():
                 raise StorageAbandonedError(f"waiting for rank 0 to commit step {staged.step} abandoned")
+            self._fail_if_gone({0}, staged.step)
             if time.monotonic() > deadline:
                 raise StorageError(f"rank 0 did not commit step {staged.step} in time")
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
+
+    def _fail_if_gone(self, ranks: set[int], step: int) -> None:
+        if self._peers is not None and (gone := self._peers.gone(sorted(ranks))):
+            raise StorageError(f"ranks {gone} are gone: step {step} cannot commit")
 
     def _read_json(self, path: str) -> dict | None:
         """A small JSON object, or None if it is absent, unreadable or the store is down (polling)."""
@@ -755,6 +765,7 @@ class Checkpointer:
             return None
         except Exception as exc:  # noqa: BLE001 - a poll: the caller's deadline bounds it
             log.debug("reading %s failed: %s", path, exc)
+            self._record_trouble(f"poll of {path.rsplit('/', 1)[-1]}", exc)
             return None
 
     # ---- finding committed steps -------------------------------------------------------
@@ -874,16 +885,20 @@ class Checkpointer:
     def _on_failure(self, what: str, exc: BaseException, attempt: int, delay: float | None) -> None:
         if self.metrics is not None:
             self.metrics.get("ps3_checkpoint_failures_total").inc()
-        trouble = self._trouble or {"since": round(time.time(), 3), "retries": 0}
-        trouble["retries"] += 1
-        trouble["error"] = f"{what}: {type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
-        self._trouble = trouble
-        self._tell({"checkpoint": "failing" if delay is not None else "failed", **trouble})
+        self._record_trouble(what, exc, gave_up=delay is None)
         if delay is None:
             log.error("checkpoint %s failed (attempt %d), giving up: %s: %s", what, attempt, type(exc).__name__, exc)
         else:
             log.warning("checkpoint %s failed (attempt %d), retrying in %.1fs: %s: %s",
                         what, attempt, delay, type(exc).__name__, exc)
+
+    def _record_trouble(self, what: str, exc: BaseException, *, gave_up: bool = False) -> None:
+        """Count a failed storage request since the last commit and note it (what `status` shows)."""
+        trouble = self._trouble or {"since": round(time.time(), 3), "retries": 0}
+        trouble["retries"] += 1
+        trouble["error"] = f"{what}: {type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+        self._trouble = trouble
+        self._tell({"checkpoint": "failed" if gave_up else "failing", **trouble})
 
     def _remove_stale_staging(self, include_own: bool = False) -> None:
         """Drop staged copies left by dead processes of this rank (tmpfs space is memory)."""
