@@ -128,7 +128,8 @@ def build(ctx: RunContext) -> TaskState:
                 [s.model_dump() for s in srcs], tokenizer=tokenizer, image_size=enc.preset.scales[-1],
                 max_length=params.max_text_tokens + image_tokens, image_tokens=image_tokens, rank=rank,
                 world_size=world_size, global_batch=global_batch, micro_batch=micro_batch,
-                seed=ctx.stage.data.seed, num_workers=ctx.stage.data.num_workers)
+                seed=ctx.stage.data.seed, num_workers=ctx.stage.data.num_workers,
+                read_retry_seconds=ctx.stage.data.read_retry_seconds)
         except (ValueError, OSError) as exc:
             raise TaskSetupError(f"spec data: {exc}") from None
 

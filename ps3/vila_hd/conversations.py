@@ -34,6 +34,7 @@ from ps3.data import records
 from ps3.data.decode import Decoded, decode
 from ps3.data.fs import filesystem
 from ps3.data.index import DataSourceError, SourceIndex, read_index
+from ps3.data.retry import read_with
 
 # Shared with PS3Loader on purpose: both loaders cut, accept sources and record positions alike.
 from ps3.data.shards import ShardWriter, iter_webdataset
@@ -334,8 +335,8 @@ def read_conversation(index: SourceIndex, i: int) -> tuple[str, dict, list[bytes
     if entry.json is None:
         raise BadSample("bad_json", f"{entry.key}: no json member")
     end = _block_end(entry.json)
-    try:
-        blob = index.fs.cat_file(shard_path, start=start, end=end)
+    try:  # storage errors retried by the index's reads (an outage is not a bad sample)
+        blob = read_with(index.reads, index.fs, shard_path, lambda: index.fs.cat_file(shard_path, start=start, end=end))
     except (OSError, ValueError) as exc:
         raise BadSample("read_error", f"{shard_path}: {type(exc).__name__}") from None
     if len(blob) != end - start:

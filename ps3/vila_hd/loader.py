@@ -27,6 +27,7 @@ from ps3.data.index import DataSourceError, SourceIndex
 
 # Shared with PS3Loader on purpose: both loaders cut, accept sources and record positions alike.
 from ps3.data.loader import PlannedLoader, Position, accumulation_steps, as_source
+from ps3.data.retry import ReadRetry
 from ps3.data.sampling import BatchPlanner, SamplingError, Slot, SourceInfo, replacement
 
 from .conversations import (
@@ -134,6 +135,7 @@ class ConversationLoaderConfig:
     seed: int = 0  # the order is a function of (seed, position)
     num_workers: int = 0  # worker processes per rank; 0 = produce in the calling process
     prefetch_factor: int = 2  # micro-batches each worker keeps ready
+    read_retry_seconds: float = 300.0  # how long one read retries storage errors before the job fails
 
 
 class _StepPlanner:
@@ -190,7 +192,8 @@ class ConversationLoader(PlannedLoader):
         self.accumulation = accumulation_steps(config.global_batch, world_size, config.micro_batch)
         if len({s.name for s in self.sources}) != len(self.sources):
             raise SamplingError("source names must be unique (they key the resume state)")
-        self._refs = [SourceRef.open(s.name, s.uri, i) for i, s in enumerate(self.sources)]
+        opening = ReadRetry(config.read_retry_seconds, counts=Counter())
+        self._refs = [SourceRef.open(s.name, s.uri, i, opening) for i, s in enumerate(self.sources)]
         self._members = _group_by_kind(self._refs)  # kind -> positions in self.sources
         self._groups = {kind: [self._info(p) for p in positions] for kind, positions in self._members.items()}
         for kind, infos in self._groups.items():
@@ -199,6 +202,7 @@ class ConversationLoader(PlannedLoader):
                                     f"{sum(i.size for i in infos)} {kind} samples of {[i.name for i in infos]}")
         self._planner = self._new_planner()
         self._start()
+        self._bad.update(opening.counts)  # retries while opening the sources
 
     def _info(self, position: int) -> SourceInfo:
         source = self.sources[position]
@@ -257,6 +261,7 @@ class _Maker:
         self._indexes: dict[int, SourceIndex] = {}
         self._logged: set[str] = set()
         self.bad: Counter = Counter()
+        self.reads = ReadRetry(config.read_retry_seconds, counts=self.bad)  # retries counted with the skips
 
     def make(self, kind: str, slots: list[Slot], used: set[tuple[int, int]]) -> dict:
         samples = [self.load(kind, slot, used) for slot in slots]
@@ -266,7 +271,7 @@ class _Maker:
         """The slot's sample, or a stand-in's (see sampling.replacement) if it is bad."""
         position = self.members[kind][slot.source]
         if position not in self._indexes:
-            self._indexes[position] = self.refs[position].index()
+            self._indexes[position] = self.refs[position].index(self.reads)
         index, idx, tried = self._indexes[position], slot.index, set()
         for attempt in range(MAX_ATTEMPTS):
             try:
@@ -325,11 +330,11 @@ class _MicroBatches(IterableDataset):
 
 def build_conversation_loader(sources: Sequence, *, tokenizer, image_size: int, max_length: int, image_tokens: int,
                               rank: int, world_size: int, global_batch: int, micro_batch: int, seed: int,
-                              num_workers: int = 0) -> ConversationLoader:
+                              num_workers: int = 0, read_retry_seconds: float = 300.0) -> ConversationLoader:
     """Keyword-only adapter for a task's composition root: flat numbers in, loader out.
 
     `sources` are DataSource or mappings {"name", "uri", "weight"?} (the spec's data.sources).
     """
     config = ConversationLoaderConfig(image_size, max_length, image_tokens, global_batch, micro_batch, seed,
-                                      num_workers)
+                                      num_workers, read_retry_seconds=read_retry_seconds)
     return ConversationLoader(sources, tokenizer, rank=rank, world_size=world_size, config=config)

@@ -339,3 +339,29 @@ def test_workers_make_the_same_batches(sources):
     for _ in range(4):
         a, b = next(inline), next(workers)
         assert a["ids"] == b["ids"] and torch.equal(a["images"], b["images"])
+
+
+def test_storage_errors_on_conversation_reads_are_retried_not_skipped(sources):
+    """An outage is not a bad sample: the read is retried (and counted), the sample kept."""
+    from collections import Counter
+
+    from ps3.data.retry import ReadRetry
+    from ps3.vila_hd.conversations import read_conversation
+
+    counts = Counter()
+    index = SourceIndex.open(sources["qa"], ReadRetry(first_delay_s=0.01, counts=counts))
+    expected = read_conversation(index, 1)
+    real, failures = index.fs, [ConnectionError("endpoint down")] * 2
+
+    class Flaky:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def cat_file(self, *args, **kwargs):
+            if failures:
+                raise failures.pop()
+            return real.cat_file(*args, **kwargs)
+
+    index.fs = Flaky()
+    assert read_conversation(index, 1) == expected
+    assert counts == {"read_retries": 2}
