@@ -304,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--samples-per-shard", type=int, default=1000)
     q.add_argument("-o", "--output", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_data)
+
+    from ps3_platform.infer_cli import add_infer_parser
+
+    add_infer_parser(sub)
     return parser
 
 

@@ -14,6 +14,9 @@ TASKS: dict[str, str] = {
     "synth_vqa": "ps3.tasks.synth_vqa:build",
     "import_llava": "ps3.tasks.import_llava:build",
     "vila_hd": "ps3.tasks.vila_hd:build",
+    "hr_sft_synth": "ps3.tasks.hr_sft_synth:build",
+    "selection_data": "ps3.tasks.selection_data:build",
+    "vila_hd_eval": "ps3.tasks.vila_hd_eval:build",
 }
 
 #: Checks of a task's params that `platformctl validate` and `submit` run before anything starts,

@@ -1,8 +1,9 @@
 """`synth_vqa`: the VILA-HD quickstart's data, questions that only high resolution answers.
 
 Writes `{output}/train/qa`, `{output}/train/grounding`, `{output}/eval/qa` (conversation
-shards with their indexes, eval from its own random stream) and `{output}/texts.txt`, the
-text a tiny tokenizer is trained on, with `ps3.vila_hd.synth`. Rank 0 writes; other ranks
+shards with their indexes, eval from its own random stream), optionally a 4KPro-format
+benchmark (`{output}/eval/4kpro/`), and `{output}/texts.txt`, the text a tiny tokenizer is
+trained on, with `ps3.vila_hd.synth`. Rank 0 writes; other ranks
 have nothing to do. A finished run leaves `{output}/_synth_vqa.json` naming its params, so
 a restarted or repeated stage with the same params returns at once instead of redrawing
 every 4K scene (about 0.3 s each on one core).
@@ -17,7 +18,7 @@ from pydantic import Field, field_validator
 
 from ps3.data.fs import filesystem
 from ps3.data.synth import SynthConfig
-from ps3.vila_hd.synth import generate_vqa
+from ps3.vila_hd.synth import BENCHMARK_FILE, generate_vqa, write_benchmark
 from ps3_platform.runtime.task import RunContext, TaskSetupError, TaskState
 
 from .common import TaskParams, parse_params
@@ -33,6 +34,8 @@ class SynthVqaParams(TaskParams):
     train_samples: int = Field(1000, ge=1, description="Training questions.")
     eval_samples: int = Field(200, ge=0, description="Held-out questions (0: no eval source).")
     grounding_samples: int = Field(500, ge=0, description="Grounding samples (selection loss only; 0: none).")
+    benchmark_samples: int = Field(0, ge=0, description="Held-out questions written as a 4KPro-format benchmark "
+                                                        "(eval/4kpro/questions.jsonl + images) for vila_hd_eval.")
     seed: int = Field(0, description="Seed of every stream; eval's stream differs from training's for any seed.")
     scene_size: tuple[int, int] = Field((2048, 4096), description="Range of a scene's long side in pixels; "
                                                                   "below about 1K, 256 px shows the whole scene.")
@@ -102,12 +105,15 @@ def build(ctx: RunContext) -> TaskState:
         fs, path = filesystem(out)
         if fs.exists(f"{path}/{DONE_NAME}"):  # another run's: it must not vouch for half-rewritten sources
             fs.rm(f"{path}/{DONE_NAME}")
+        cfg = SynthConfig(scene_size=params.scene_size, sign_fraction=params.sign_fraction, signs=params.signs)
         counts = generate_vqa(out, train=params.train_samples, eval=params.eval_samples,
-                              grounding=params.grounding_samples, seed=params.seed,
-                              cfg=SynthConfig(scene_size=params.scene_size, sign_fraction=params.sign_fraction,
-                                              signs=params.signs),
+                              grounding=params.grounding_samples, seed=params.seed, cfg=cfg,
                               samples_per_shard=params.samples_per_shard,
                               shuffle_options=params.shuffle_options, question=params.question)
+        if params.benchmark_samples:
+            counts[BENCHMARK_FILE] = write_benchmark(out, params.benchmark_samples, seed=params.seed, cfg=cfg,
+                                                     shuffle_options=params.shuffle_options,
+                                                     question=params.question)
         ctx.log.info("wrote synthetic VQA sources %s and %s/texts.txt", counts, out)
         if params.tiny_llm:
             _write_tiny_llm(out, params)

@@ -32,7 +32,7 @@ from .common import init_weights, parse_params, preset_for, to_device, unwrap
 
 #: PS3's selection modules (the released `token_selection_param_names`; the prior prompt is not one).
 SELECTION_MODULES = ("selection_feature_proj", "highres_selection_feature_module", "prompt_proj_for_highres")
-__all__ = ["MODULES", "SELECTION_MODULES", "build", "freeze_except", "module_parameters"]
+__all__ = ["MODULES", "SELECTION_MODULES", "build", "freeze_except", "fresh_model", "module_parameters"]
 
 
 def module_parameters(model: VilaHD) -> dict[str, list[torch.nn.Parameter]]:
@@ -60,16 +60,16 @@ def freeze_except(model: VilaHD, trainable: list[str]) -> dict[str, tuple[int, b
     return counts
 
 
-def _fresh_model(ctx: RunContext, params: VilaHDParams, ps3: PS3Model | None = None) -> tuple[VilaHD, object]:
-    """The stage's architecture: PS3 of the spec's preset, the LLM of params.llm (with its weights)."""
+def fresh_model(ctx: RunContext, llm: str, prompt_head: str, ps3: PS3Model | None = None) -> tuple[VilaHD, object]:
+    """The stage's architecture: PS3 of the spec's preset, the LLM at `llm` (with its weights)."""
     try:
-        loaded = load_llm(params.llm)
+        loaded = load_llm(llm)
     except LLMError as exc:
         raise TaskSetupError(f"spec params.llm: {exc}") from None
     ps3 = ps3 or PS3Model(preset_for(ctx))
     newline = loaded.tokenizer("\n", add_special_tokens=False)["input_ids"]
     model = VilaHD(ps3.vision_model, loaded.model, image_token_id=loaded.image_token_id,
-                   newline_token_id=newline[-1], prompt_head=params.prompt_head)
+                   newline_token_id=newline[-1], prompt_head=prompt_head)
     return model, loaded.tokenizer
 
 
@@ -78,7 +78,7 @@ def _build_model(ctx: RunContext, params: VilaHDParams) -> tuple[VilaHD, object]
     init_weights(ps3, ctx.stage.model.init_from)
     if params.vision_from:
         ctx.load_weights(ps3, params.vision_from)
-    model, tokenizer = _fresh_model(ctx, params, ps3)
+    model, tokenizer = fresh_model(ctx, params.llm, params.prompt_head, ps3)
     source = ctx.stage.checkpoint.init_from
     if source and is_vila_hd_export(source):  # an exported directory (this platform's or a stage's export)
         try:
@@ -104,7 +104,7 @@ def _export(ctx: RunContext, params: VilaHDParams, model: torch.nn.Module) -> No
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if ctx.rank != 0:
         return
-    plain, tokenizer = _fresh_model(ctx, params)
+    plain, tokenizer = fresh_model(ctx, params.llm, params.prompt_head)
     plain.load_state_dict(state)
     export_vila_hd(plain, tokenizer, params.export_to)
     ctx.log.info("exported the model to %s", params.export_to)

@@ -6,10 +6,15 @@ Paper section 3 and appendix C (`shared/papers/ps3_paper.txt`). The modules:
     conversations.py  conversation samples: validation, chat-template tokenisation, shards, LLaVA import
     loader.py         ConversationLoader: planned, resumable batches; QA and grounding never mixed
     synth.py          synthetic high-res VQA whose answers need high resolution (the quickstart)
+    hr_synth.py       high-res SFT data: low-res VQA images pasted on large solid canvases (figure 8, right)
+    selection_data.py grounding questions from PS3 pre-training boxes and captions (figure 8, left)
     projector.py      2x2 spatial-to-channel merge + LayerNorm + 2-layer MLP to the LLM width
     model.py          VilaHD: PS3 encoder + projector + LLM, image token assembly, the two passes
     losses.py         token-selection loss (BCE + Dice per scale on the box map)
     evaluate.py       multiple-choice accuracy (high-res, low-res, chance) and selection recall
+    infer.py          answers to questions about images (greedy or restricted to the options); selection PNGs
+    benchmarks.py     4KPro- and V*-format benchmarks: reading, bad-input accounting, letters, scores
+    sweep.py          benchmarks over selection settings: the table and plot of the paper's tables 7-8
     export.py         HF-style export directory, and loading it back
     params.py         the `vila_hd` task's params (torch-free: `platformctl validate` checks them)
 

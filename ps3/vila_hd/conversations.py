@@ -193,6 +193,19 @@ def encode_conversation(meta: Mapping, tokenizer, *, max_length: int, image_toke
     return Encoded(ids, labels, prompt_end, n_images)
 
 
+def encode_prompt(meta: Mapping, tokenizer) -> Encoded:
+    """A conversation that ends with a user turn, tokenised up to the assistant's generation
+    prompt: what the model answers at inference (nothing is labelled)."""
+    chat = _Chat(tokenizer)
+    messages = to_messages(meta)
+    if messages[-1]["role"] != USER:
+        raise BadSample("bad_role", "a prompt must end with a user turn")
+    ids = chat.tokenize(chat.render(messages, generation_prompt=True))
+    first_user = next(i for i, m in enumerate(messages) if m["role"] == USER)
+    prompt_end = len(chat.ids(messages[:first_user + 1])) - 1
+    return Encoded(ids, [IGNORE_INDEX] * len(ids), prompt_end, ids.count(chat.image_id))
+
+
 def check_tokenizer(tokenizer) -> None:
     """A tokenizer without chat template, image token or pad token raises ValueError (a spec
     problem: it fails when the loader is built, not in a worker)."""

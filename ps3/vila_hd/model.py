@@ -29,7 +29,9 @@ from ps3.model.vision import LowRes, PS3VisionEncoder, resize_square
 from .conversations import IGNORE_INDEX as IGNORE  # labels the loss does not score
 from .projector import MMProjector, merge_2x2, whole_blocks
 
-LOOK_CLOSE_MODES = ("after_prompt", "after_image")
+#: after_prompt: top-down, from the LLM's prompt; after_image: bottom-up, PS3's prior; random:
+#: uniform scores, the chance level evaluation compares with (paper table 7).
+LOOK_CLOSE_MODES = ("after_prompt", "after_image", "random")
 
 
 @dataclass
@@ -112,6 +114,34 @@ class VilaHD(nn.Module):
 
     # ---- the two passes --------------------------------------------------------------
     def forward(self, batch: dict, selection: Selection) -> VilaHDOutput:
+        embeds, mask, labels, out = self.embed(batch, selection)
+        logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits
+        out.lm_loss, out.logits, out.labels = causal_lm_loss(logits, labels), logits, labels
+        return out
+
+    @torch.no_grad()
+    def generate(self, batch: dict, selection: Selection, *, max_new_tokens: int = 16) -> tuple[torch.Tensor, VilaHDOutput]:
+        """Greedy answers to conversations that end with the generation prompt: new token ids
+        [B, T] (padded with the pad/eos id after each answer's end) and the selection made.
+
+        The spliced sequences are left-padded, as decoder-only generation needs, and handed to
+        the LLM's own `generate`, so its KV cache serves every new token.
+        """
+        embeds, mask, _, out = self.embed(batch, selection)
+        lengths = mask.sum(1)
+        shift = embeds.shape[1] - lengths  # [B]: move each row's tokens to the right edge
+        index = (torch.arange(embeds.shape[1], device=embeds.device)[None] - shift[:, None]) % embeds.shape[1]
+        left = embeds.gather(1, index[..., None].expand_as(embeds))
+        left_mask = torch.arange(embeds.shape[1], device=embeds.device)[None] >= shift[:, None]
+        left = left * left_mask[..., None]
+        config = self.llm.generation_config
+        tokens = self.llm.generate(inputs_embeds=left, attention_mask=left_mask.long(), max_new_tokens=max_new_tokens,
+                                   do_sample=False, pad_token_id=config.pad_token_id or config.eos_token_id)
+        return tokens, out
+
+    def embed(self, batch: dict, selection: Selection) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, VilaHDOutput]:
+        """Pass 1 and the vision tower: the LLM's input embeddings [B, L', H], attention mask,
+        labels, and the selection made (an output whose loss and logits are still unset)."""
         images, owner, dummy = self._pixels(batch)
         enc = self.vision_tower
         low = enc.encode_lowres(resize_square(images, enc.preset.scales[0]))
@@ -124,8 +154,10 @@ class VilaHD(nn.Module):
         if selection.smooth_selection_prob:
             probs = [smooth_probs(p) for p in probs]
         chosen = probs
+        if selection.mode == "random":
+            chosen = [torch.rand_like(p) for p in probs]
         if selection.gt_forced and not dummy:
-            chosen = apply_gt_override(probs, box_maps(batch["boxes"], batch["has_box"], enc.preset.grids[1:]))
+            chosen = apply_gt_override(chosen, box_maps(batch["boxes"], batch["has_box"], enc.preset.grids[1:]))
         highres, selected = self._highres_tokens(images, low, chosen, selection, batch.get("image_sizes"))
         ghost = None
         if dummy:  # no image in this micro-batch: the tower ran anyway, its outputs count for nothing
@@ -133,9 +165,9 @@ class VilaHD(nn.Module):
             low_tokens, highres = low_tokens[:0], highres[:0]
         sequences = [self._image_sequence(low_tokens[n], highres[n]) for n in range(len(low_tokens))]
         embeds, mask, labels = self._splice(batch, sequences)
-        logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits
-        return VilaHDOutput(causal_lm_loss(logits, labels), logits, labels, probs, selected,
-                            [len(s) for s in sequences], ghost)
+        empty = embeds.new_zeros(())
+        return embeds, mask, labels, VilaHDOutput(empty, empty, labels, probs, selected,
+                                                  [len(s) for s in sequences], ghost)
 
     @torch.no_grad()
     def _prompt_state(self, batch: dict, low_tokens: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ Three sources, in the conversation format of `ps3.vila_hd`:
     {uri}/train/qa          multiple choice about the named sign, (A)-(D), answer a letter
     {uri}/train/grounding   "Look at the red sign." with the sign's box: token-selection loss only
     {uri}/eval/qa           as train/qa, from its own random stream, so no scene repeats training
+    {uri}/eval/4kpro/       questions.jsonl + images/: held-out questions in 4KPro's multiple-choice
+                            format (`write_benchmark`), for the `vila_hd_eval` stage
     {uri}/texts.txt         every text a tokenizer must cover (a tiny tokenizer is trained on it)
 
 Every sample is a pure function of (seed, split, kind, sample number), like `ps3.data.synth`.
@@ -27,6 +29,7 @@ Every sample is a pure function of (seed, split, kind, sample number), like `ps3
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import json
 from collections.abc import Iterator
@@ -35,7 +38,7 @@ import numpy as np
 
 from ps3.data.fs import filesystem, join
 from ps3.data.shards import SIDECAR_SUFFIX, ShardWriter
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
 
 from ps3.data.synth import SIGN_COLOURS, SIGN_SHAPES, SynthConfig, encode, make_scene
 
@@ -52,7 +55,10 @@ DEFAULT_CONFIG = SynthConfig()  # the 4K setting
 
 #: Random-stream numbers, apart from `ps3.data.synth`'s (0, 1 for its kinds) and from each
 #: other: eval draws other scenes than training for every seed, not just for unlucky ones.
-_STREAMS = {("train", "qa"): 100, ("train", "grounding"): 101, ("eval", "qa"): 102, ("eval", "grounding"): 103}
+_STREAMS = {("train", "qa"): 100, ("train", "grounding"): 101, ("eval", "qa"): 102, ("eval", "grounding"): 103,
+            ("benchmark", "qa"): 104}
+#: Where `write_benchmark` puts its 4KPro-format file, under the output directory.
+BENCHMARK_FILE = "eval/4kpro/questions.jsonl"
 
 Sample = tuple[str, dict, list[tuple[str, bytes]]]
 
@@ -223,3 +229,35 @@ def generate_vqa(uri: str, *, train: int, eval: int, grounding: int, seed: int =
     fs, path = filesystem(uri)
     fs.pipe_file(f"{path}/{TEXTS_NAME}", ("\n".join(vocabulary_texts()) + "\n").encode())
     return counts
+
+
+def resolution_bucket(width: int, height: int) -> str:
+    """4KPro's resolution buckets, by the image's long side."""
+    side = max(width, height)
+    return "4K" if side >= 3000 else "2K" if side >= 1500 else "1K"
+
+
+def write_benchmark(uri: str, n: int, *, seed: int = 0, cfg: SynthConfig = DEFAULT_CONFIG,
+                    shuffle_options: bool = True, question: str = "shape") -> int:
+    """`n` held-out questions (their own random stream) as a 4KPro-format benchmark under
+    `uri`/eval/4kpro: questions.jsonl (image, question, options, answer, category, bucket,
+    box) and the images beside it. Returns the number written."""
+    fs, path = filesystem(uri)
+    root = f"{path}/{BENCHMARK_FILE}".rsplit("/", 1)[0]
+    fs.makedirs(f"{root}/images", exist_ok=True)
+    lines = []
+    for i in range(n):
+        key, meta, [(_, image)] = vqa_sample(seed, i, cfg, split="benchmark", shuffle_options=shuffle_options,
+                                             question=question)
+        fs.pipe_file(f"{root}/images/{key}.jpg", image)
+        width, height = _size(image)
+        ask = meta["conversations"][0]["value"].split("\n")[1]  # "<image>", the question, its options...
+        lines.append({"id": key, "image": f"images/{key}.jpg", "question": ask, "options": meta["options"],
+                      "answer": meta["answer"], "category": meta["category"],
+                      "bucket": resolution_bucket(width, height), "box": meta["boxes"][0]})
+    fs.pipe_file(f"{path}/{BENCHMARK_FILE}", "".join(json.dumps(line) + "\n" for line in lines).encode())
+    return len(lines)
+
+
+def _size(image: bytes) -> tuple[int, int]:
+    return Image.open(io.BytesIO(image)).size

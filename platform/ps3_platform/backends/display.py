@@ -87,7 +87,28 @@ def print_eval(evaluation: dict, console: Console | None = None) -> None:
             table.add_row(EVAL_LABELS.get(key, key), f"{value:.3f}")
         elif isinstance(value, int):
             table.add_row(EVAL_LABELS.get(key, key), str(value))
+    if table.row_count:
+        console.print(table)
+    if evaluation.get("sweep"):
+        print_sweep(evaluation, console)
+
+
+def print_sweep(evaluation: dict, console: Console) -> None:
+    """A vila_hd_eval stage's results: one row per benchmark and selection setting (paper tables 7-8)."""
+    table = Table("BENCHMARK", "SETTING", "% PATCHES", "ACCURACY", "RECALL", "TOKENS/IMAGE", "MS/QUESTION", "N",
+                  title="benchmarks by selection setting")
+    for row in evaluation["sweep"]:
+        table.add_row(row["benchmark"], row["setting"], f"{row['patches_pct']:.1f}", f"{row['accuracy']:.3f}",
+                      _fmt(row["recall"], ".3f"), f"{row['tokens_per_image']:.0f}",
+                      f"{1000 * row['latency_s_per_question']:.1f}", str(row["n"]))
     console.print(table)
+    for name, bench in evaluation.get("benchmarks", {}).items():
+        problems = bench.get("problems", {})
+        if problems.get("count"):
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(problems.get("by_kind", {}).items()))
+            console.print(f"{name}: {problems['count']} questions not scored ({kinds}); listed in eval.json",
+                          soft_wrap=True)
+    console.print(f"plot: {evaluation['sweep_plot']}", soft_wrap=True)
 
 
 def print_curation(stage: str, summary: dict, console: Console | None = None) -> None:
