@@ -135,6 +135,8 @@ def build(ctx: RunContext) -> TaskState:
 
     data = loader(sources, rank=ctx.rank, world_size=ctx.world_size, global_batch=ctx.batch.global_batch,
                   micro_batch=ctx.batch.micro_batch)
+    for info, spec in zip(data.source_sizes(), sources):
+        ctx.log.info("source %s: %d conversations, weight %g, %s", info.name, info.size, info.weight, spec.uri)
     model = ctx.parallelize(model)
     inner = unwrap(model)
     small = [p for p in [*inner.mm_projector.parameters(), *module_parameters(inner)["selection"]] if p.requires_grad]

@@ -204,6 +204,10 @@ class ConversationLoader(PlannedLoader):
         self._start()
         self._bad.update(opening.counts)  # retries while opening the sources
 
+    def source_sizes(self) -> list[SourceInfo]:
+        """(name, conversations, weight) of every source, in the spec's order: what a stage logs."""
+        return [self._info(i) for i in range(len(self.sources))]
+
     def _info(self, position: int) -> SourceInfo:
         source = self.sources[position]
         return SourceInfo(source.name, sum(self._refs[position].counts), source.weight)

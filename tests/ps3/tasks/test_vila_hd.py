@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from ps3.model import PS3VisionEncoder, get_preset
 from ps3.tasks.vila_hd import MODULES, freeze_except, module_parameters
@@ -17,35 +16,52 @@ from ps3_platform.cli import main
 
 ROOT = Path(__file__).resolve().parents[3]
 #: The quickstart at test size: a few samples, three steps a stage, a random PS3 encoder.
-SMALL = ["spec.stages[0].params.trainSamples=40", "spec.stages[0].params.evalSamples=16",
-         "spec.stages[0].params.groundingSamples=32", "spec.stages[1].params.visionFrom=null",
-         "spec.stages[1].train.steps=3", "spec.stages[2].train.steps=3", "spec.stages[3].train.steps=3",
-         "spec.stages[1].checkpoint.intervalSteps=3", "spec.stages[2].checkpoint.intervalSteps=3",
-         "spec.stages[3].checkpoint.intervalSteps=3", "spec.stages[3].params.evalBatches=1"]
+#: Stages: data, grounding, hr-sft, align, selection, sft, evaluate.
+SMALL = ["spec.stages[0].params.trainSamples=40", "spec.stages[0].params.benchmarkSamples=8",
+         "spec.stages[2].params.maxSamples=12", "spec.stages[2].params.canvasSize=[1024,1024]",
+         "spec.stages[2].params.pasteSide=[256,512]", "spec.stages[3].params.visionFrom=null",
+         *(f"spec.stages[{i}].{key}=3" for i in (3, 4, 5) for key in ("train.steps", "checkpoint.intervalSteps")),
+         "spec.stages[6].params.patchFractions=[0.0,0.125]", "spec.stages[6].params.pictures=1"]
 EXPECTED_TRAINABLE = {"align": {"projector", "embeddings"}, "selection": {"prompt_head", "selection"},
                       "sft": {"projector", "embeddings", "llm"}}
+STAGES = ["data", "grounding", "hr-sft", "align", "selection", "sft", "evaluate"]
 
 
-def test_quickstart_pipeline_runs_every_stage_from_the_previous_one(platform_home, capsys):
-    args = ["submit", str(ROOT / "jobs" / "vila_hd_quickstart.yaml"), "--backend", "local", "--wait", "-q"]
+def test_quickstart_pipeline_runs_every_stage_from_the_previous_one(platform_home, tmp_path, capsys):
+    from ps3.data.synth import SynthConfig, generate
+
+    # the grounding stage's input: PS3 pre-training shards (the PS3 quickstart's, at full size)
+    scenes = generate(f"file://{tmp_path}/ps3", 6, 0, ["scene"], config=SynthConfig(scene_size=(512, 768)))["scene"]
+    args = ["submit", str(ROOT / "jobs" / "vila_hd_quickstart.yaml"), "--backend", "local", "--wait", "-q",
+            "--set", f"spec.stages[1].params.inputs=[{scenes}]"]
     for item in SMALL:
         args += ["--set", item]
     assert main(args) == 0, capsys.readouterr().out
     capsys.readouterr()
     assert main(["status", "vila-hd-quickstart", "-o", "json"]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert [s["phase"] for s in status["stages"]] == ["Succeeded"] * 4
-    results = status["eval"]
-    for key in ("accuracy_highres", "accuracy_lowres", "recall_topdown", "recall_bottomup"):
-        assert 0.0 <= results[key] <= 1.0
-    assert results["accuracy_chance"] == 0.25 and results["n_questions"] == 16
+    assert [s["name"] for s in status["stages"]] == STAGES
+    assert [s["phase"] for s in status["stages"]] == ["Succeeded"] * len(STAGES)
     run = platform_home / "runs" / "vila-hd-quickstart"
+    grounding = json.loads((run / "grounding" / "selection_data.json").read_text())
+    assert grounding["written"] > 0
+    synthesised = json.loads((run / "hr-sft" / "hr_sft_synth.json").read_text())
+    assert synthesised["written"] == 12
+    evaluation = status["eval"]
+    assert evaluation["benchmarks"]["synth-4kpro"]["n_questions"] == 8
+    rows = {r["setting"]: r for r in evaluation["sweep"]}
+    assert set(rows) == {"lowres", "topdown@12%", "bottomup@12%", "random@12%"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows.values())
+    assert 0.0 <= rows["topdown@12%"]["recall"] <= 1.0
+    assert (run / "evaluate" / "sweep.png").exists()
     for stage, wanted in EXPECTED_TRAINABLE.items():
         log = "".join(p.read_text() for p in (run / "logs" / stage).rglob("stderr.log"))
         trained = set(re.findall(r"parameters (\w+) +\d+ trainable", log))
         assert trained == wanted, stage
         if stage != "align":
             assert "started from file://" in log and f"/{_previous(stage)} step 3" in log
+    sft_log = "".join(p.read_text() for p in (run / "logs" / "sft").rglob("stderr.log"))
+    assert "source hr-sft: 12 conversations, weight 1" in sft_log  # SFT mixes the synthesised high-res data
     assert list((run / "checkpoints" / "vila-hd-quickstart" / "sft").glob("step-*/manifest.json"))
     # the SFT stage exported the model; a new stage starts from that directory
     from ps3.vila_hd.export import load_vila_hd
@@ -82,8 +98,8 @@ def test_every_parameter_is_in_exactly_one_trainable_unit(tmp_path):
 
 
 @pytest.mark.parametrize("bad,message", [
-    ("spec.stages[1].params.trainable=[]", "name at least one of"),
-    ("spec.stages[1].params.trainable=[wheels]", "spec.stages[1].params.trainable[0]: Input should be 'projector'"),
+    ("spec.stages[3].params.trainable=[]", "name at least one of"),
+    ("spec.stages[3].params.trainable=[wheels]", "spec.stages[3].params.trainable[0]: Input should be 'projector'"),
 ])
 def test_bad_trainable_sets_are_refused_at_validate(platform_home, capsys, bad, message):
     args = ["validate", str(ROOT / "jobs" / "vila_hd_quickstart.yaml"), "--set", bad]
