@@ -19,6 +19,7 @@ import json
 import re
 from typing import Literal
 
+from ps3_platform.runtime.task import RunContext, TaskSetupError, TaskState
 from pydantic import Field, field_validator
 
 from ps3.data.fs import filesystem
@@ -36,7 +37,6 @@ from ps3.vila_hd.export import ExportError, is_vila_hd_export, load_vila_hd
 from ps3.vila_hd.infer import answer_batch, choose_options, draw_selection
 from ps3.vila_hd.model import LOOK_CLOSE_MODES, Selection
 from ps3.vila_hd.sweep import Item, Setting, plot_sweep, run_setting, sweep_rows
-from ps3_platform.runtime.task import RunContext, TaskSetupError, TaskState
 
 from .common import TaskParams, parse_params
 from .vila_hd import fresh_model
@@ -94,6 +94,7 @@ def build(ctx: RunContext) -> TaskState:
         model = model.to(ctx.device).eval()
         base = _base_selection(params)
         settings = _settings(params)
+        drawn = next((s for s in settings if s.fraction != 0), settings[0])  # pictures show a selection
         results, report = {}, {}
         for bench in params.benchmarks:
             items, problems = _load_benchmark(bench)
@@ -106,7 +107,7 @@ def build(ctx: RunContext) -> TaskState:
                 results[bench.name][setting.name] = summary
                 answers += [{"setting": setting.name, **row} for row in rows]
             _write_jsonl(ctx.run_dir / f"answers-{bench.name}.jsonl", answers)
-            pictures = _draw(ctx, params, model, tokenizer, bench.name, items, settings[0].selection(base, model))
+            pictures = _draw(ctx, params, model, tokenizer, bench.name, items, drawn.name, drawn.selection(base, model))
             report[bench.name] = {"format": bench.format, "uri": bench.uri, "n_questions": len(items),
                                   "problems": problems_summary(problems), "settings": results[bench.name],
                                   "pictures": pictures}
@@ -190,7 +191,7 @@ def _image_bytes(question: Question) -> bytes | None:
 
 
 def _draw(ctx: RunContext, params: VilaHDEvalParams, model, tokenizer, name: str, items: list[Item],
-          selection: Selection) -> list[str]:
+          setting: str, selection: Selection) -> list[str]:
     """PNGs of the first questions with the patches the model selected for them."""
     chosen = items[:params.pictures]
     if not chosen:
@@ -207,7 +208,8 @@ def _draw(ctx: RunContext, params: VilaHDEvalParams, model, tokenizer, name: str
     paths = []
     for item, reply in zip(chosen, answers):
         path = folder / re.sub(r"[^\w.-]", "_", f"{name}-{item.question.qid}.png")
-        draw_selection(item.image, reply, path, caption=f"{item.question.question} (truth: {item.question.answer})")
+        draw_selection(item.image, reply, path,
+                       caption=f"{item.question.question} (truth: {item.question.answer}; {setting})")
         paths.append(str(path))
     return paths
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
+from rich import box
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from .base import JobStatus
 
@@ -95,8 +96,10 @@ def print_eval(evaluation: dict, console: Console | None = None) -> None:
 
 def print_sweep(evaluation: dict, console: Console) -> None:
     """A vila_hd_eval stage's results: one row per benchmark and selection setting (paper tables 7-8)."""
-    table = Table("BENCHMARK", "SETTING", "% PATCHES", "ACCURACY", "RECALL", "TOKENS/IMAGE", "MS/QUESTION", "N",
-                  title="benchmarks by selection setting")
+    # short headers and no folding: the table fits an 80-column terminal
+    table = Table(*(Column(h, no_wrap=True) for h in ("BENCHMARK", "SETTING", "%PATCH", "ACC", "RECALL",
+                                                      "TOK/IMG", "MS/Q", "N")),
+                  title="benchmarks by selection setting", box=box.SIMPLE_HEAD)
     for row in evaluation["sweep"]:
         table.add_row(row["benchmark"], row["setting"], f"{row['patches_pct']:.1f}", f"{row['accuracy']:.3f}",
                       _fmt(row["recall"], ".3f"), f"{row['tokens_per_image']:.0f}",
@@ -140,5 +143,7 @@ def print_summary(status: JobStatus, spec_file: str, console: Console | None = N
     console.print()
     print_status(status, console)
     console.print(f"logs: platformctl logs {status.name} [--stage S] [--rank R]", soft_wrap=True)
-    console.print("run the same pre-training on a cluster: platformctl render jobs/ps3_4k.yaml "
-                  "(then platformctl submit jobs/ps3_4k.yaml --backend kubernetes)", soft_wrap=True)
+    what, spec = (("VILA-HD training", "jobs/vila_hd_4k.yaml") if status.name.startswith("vila-hd")
+                  else ("pre-training", "jobs/ps3_4k.yaml"))
+    console.print(f"run the same {what} on a cluster: platformctl render {spec} "
+                  f"(then platformctl submit {spec} --backend kubernetes)", soft_wrap=True)
