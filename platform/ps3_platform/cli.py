@@ -63,22 +63,24 @@ def _load_checked(args: argparse.Namespace, pools=None):
 
 
 def check_task_params(loaded) -> None:
-    """Run the tasks' own param checks (`ps3.tasks.PARAM_CHECKS`), looked up by task name as the
-    runtime looks up tasks, so a missing weights file fails here, not on a cluster an hour later."""
+    """Check every stage's params against its task's model (`ps3.tasks.params`) and the tasks' own
+    checks (`ps3.tasks.PARAM_CHECKS`), so a misspelt key or a missing weights file fails here, not
+    on a cluster an hour later."""
     import importlib
 
     from ps3_platform.spec.models import TrainingJob
 
     checks = importlib.import_module("ps3.tasks").PARAM_CHECKS
+    check_model = importlib.import_module("ps3.tasks.params").check_params
     stages = [loaded.job.spec] if isinstance(loaded.job, TrainingJob) else list(loaded.job.spec.stages)
     issues = []
     for index, stage in enumerate(stages):
-        if stage.task not in checks:
-            continue
-        module, _, name = checks[stage.task].partition(":")
+        problems = check_model(stage.task, stage.params)
+        if stage.task in checks:
+            module, _, name = checks[stage.task].partition(":")
+            problems += getattr(importlib.import_module(module), name)(stage.params)
         prefix = ("spec",) if isinstance(loaded.job, TrainingJob) else ("spec", "stages", index)
-        for path, message in getattr(importlib.import_module(module), name)(stage.params):
-            issues.append(loaded.issue(prefix + ("params", *path), message))
+        issues += [loaded.issue(prefix + ("params", *path), message) for path, message in problems]
     if issues:
         raise SpecError(issues)
 

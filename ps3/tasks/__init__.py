@@ -21,10 +21,10 @@ TASKS: dict[str, str] = {
 
 #: Checks of a task's params that `platformctl validate` and `submit` run before anything starts,
 #: importable without torch: "module:function" taking the params dict and returning a list of
-#: (path inside params, message). Tasks without one are checked when their workers start.
+#: (path inside params, message). Every task's params model (`ps3.tasks.params.PARAM_MODELS`) is
+#: checked as well; these are the tasks whose params need more than a model.
 PARAM_CHECKS: dict[str, str] = {
     "curate": "ps3.curation.config:check_params",
-    "vila_hd": "ps3.vila_hd.params:check_params",
 }
 
 __all__ = ["PARAM_CHECKS", "TASKS"]

@@ -11,8 +11,7 @@ import json
 
 import fsspec
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic.alias_generators import to_camel
+from pydantic import ValidationError
 
 from ps3.data import DataSourceError, SamplingError, SourceIndex, build_loader
 from ps3.model import (
@@ -28,28 +27,7 @@ from ps3.model import (
 )
 from ps3_platform.runtime.task import RunContext, TaskSetupError
 
-#: The paper's cap on high-res patches per image at pre-training (section 2.3).
-PAPER_MAX_SELECTED = 2560
-
-
-class TaskParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
-
-
-class PretrainParams(TaskParams):
-    contrastive_weight: float = Field(1.0, ge=0, description="Weight of the local+global sigmoid contrast.")
-    bce_weight: float = Field(1.0, ge=0, description="Weight of BCE between selection maps and boxes.")
-    dice_weight: float = Field(1.0, ge=0, description="Weight of DICE between selection maps and boxes.")
-    topdown_weight: float = Field(1.0, ge=0, description="Weight of the top-down (caption-prompted) box loss.")
-    bottomup_weight: float = Field(1.0, ge=0, description="Weight of the bottom-up (prior) box loss.")
-    max_selected_patches: int | None = Field(
-        None, ge=1, le=PAPER_MAX_SELECTED, description="High-res patches per image (default: the preset's)."
-    )
-    max_tokens_per_micro_batch: int = Field(
-        32 * (729 + PAPER_MAX_SELECTED),
-        ge=1, description="Vision tokens one forward may hold (micro-batch x (low-res + selected)); "
-                          "the default is the paper's 32 images per H100.",
-    )
+from .params import TaskParams
 
 
 def parse_params(model: type[TaskParams], ctx: RunContext) -> TaskParams:

@@ -12,17 +12,12 @@ from __future__ import annotations
 import json
 
 import torch
-from pydantic import Field
 
 from ps3.model import PS3Model
 from ps3_platform.runtime.task import RunContext, TaskSetupError, TaskState
 
-from .common import TaskParams, init_weights, loader_for, parse_params, preset_for, to_device, tokenizer_for
-
-
-class EvalParams(TaskParams):
-    batches: int = Field(4, ge=1, description="Held-out batches to evaluate.")
-    batch_size: int = Field(32, ge=2, description="Images per batch (the retrieval gallery size).")
+from .common import init_weights, loader_for, parse_params, preset_for, to_device, tokenizer_for
+from .params import EvalParams
 
 
 def retrieval_r1(image: torch.Tensor, text: torch.Tensor, tokens: torch.Tensor) -> float:

@@ -10,21 +10,13 @@ from __future__ import annotations
 
 import json
 
-from pydantic import Field
 
 from ps3.data import DataSourceError
 from ps3.vila_hd.conversations import import_llava
 from ps3_platform.runtime.task import RunContext, TaskSetupError, TaskState
 
-from .common import TaskParams, parse_params
-
-
-class ImportLlavaParams(TaskParams):
-    json_uri: str = Field(description="The LLaVA JSON list (id, image, conversations, optional box/boxes).")
-    image_root: str = Field(description="Directory the items' image paths are relative to.")
-    output: str = Field(description="Shard directory to write (with its index).")
-    source: str = Field("llava", description="Source name recorded in every sample.")
-    samples_per_shard: int = Field(1000, ge=1)
+from .common import parse_params
+from .params import ImportLlavaParams
 
 
 def build(ctx: RunContext) -> TaskState:

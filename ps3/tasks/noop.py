@@ -12,19 +12,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
 from torch import nn
 
 from ps3_platform.runtime.task import RunContext, StepResult, TaskState
-
-
-class NoopParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
-
-    dim: int = Field(16, ge=1, le=4096)
-    step_seconds: float = Field(0.0, ge=0)
-    nan_at_steps: list[int] = Field(default_factory=list)
+from .params import NoopParams
 
 
 @dataclass

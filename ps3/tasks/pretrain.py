@@ -15,7 +15,6 @@ from ps3.model import PS3Model, clamp_logit_scale_
 from ps3_platform.runtime.task import RunContext, StepResult, TaskState
 
 from .common import (
-    PretrainParams,
     check_batch_fits,
     check_data_reaches_preset,
     init_weights,
@@ -26,6 +25,7 @@ from .common import (
     tokenizer_for,
     unwrap,
 )
+from .params import PretrainParams
 
 
 def flops_per_sample(model: PS3Model) -> float:

@@ -11,36 +11,16 @@ from __future__ import annotations
 
 import json
 
-from pydantic import Field, field_validator
 
 from ps3.model import get_preset
-from ps3.vila_hd.selection_data import DEFAULT_PROMPT, InputUnreadable, LLMUnavailable, make_selection_data
+from ps3.vila_hd.selection_data import InputUnreadable, LLMUnavailable, make_selection_data
 from ps3_platform.runtime.task import RunContext, TaskSetupError, TaskState
 
-from .common import TaskParams, parse_params, preset_for
+from .common import parse_params, preset_for
+from .params import SelectionDataParams
 
 #: The preset whose top scale judges box sizes when the stage names none: VILA-HD's 4K encoder.
 DEFAULT_PRESET = "ps3-4k-siglip"
-
-
-class SelectionDataParams(TaskParams):
-    inputs: list[str] = Field(min_length=1, description="PS3 pre-training shard sources (with index.json).")
-    output: str = Field(description="Shard directory to write (with its index).")
-    samples_per_shard: int = Field(1000, ge=1, description="Input images per output shard.")
-    source: str = Field("selection_data", description="Source name recorded in every sample.")
-    seed: int = Field(0, description="Template choices are a pure function of (seed, key, box).")
-    llm: str | None = Field(None, description="A local Hugging Face causal LM directory to write the questions; "
-                                              "templates when absent.")
-    prompt: str = Field(DEFAULT_PROMPT, description="What the LLM is asked; {caption} is the region's caption.")
-    min_box_patches: float = Field(1.0, ge=0, description="Drop boxes covering fewer patches at the top scale.")
-    max_samples: int | None = Field(None, ge=1, description="Use only the first this many input images.")
-
-    @field_validator("prompt")
-    @classmethod
-    def _names_the_caption(cls, value: str) -> str:
-        if "{caption}" not in value:
-            raise ValueError("must contain {caption}, where the region's caption goes")
-        return value
 
 
 def build(ctx: RunContext) -> TaskState:

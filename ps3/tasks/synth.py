@@ -9,28 +9,13 @@ from __future__ import annotations
 
 import itertools
 
-from pydantic import Field
 
 from ps3.data import synth
 from ps3.model import train_tiny_tokenizer
 from ps3_platform.runtime.task import RunContext, TaskSetupError, TaskState
 
-from .common import TaskParams, parse_params
-
-
-class SynthParams(TaskParams):
-    output: str = Field(description="URI to write the sources under (train/, eval/, tokenizer.json).")
-    samples: int = Field(200, ge=1, description="Training samples per kind.")
-    eval_samples: int = Field(64, ge=0, description="Held-out samples per kind.")
-    seed: int = 0
-    kinds: list[str] = Field(default_factory=lambda: list(synth.KINDS))
-    max_side: int | None = Field(None, ge=256, description="Cap on the long side (default: up to 4096).")
-    layout: str = Field("shards", pattern="^(shards|raw)$",
-                        description="shards: PS3 training shards; raw: plain image files and PDFs without "
-                                    "boxes (what `curate` takes in), boxes kept aside in truth.jsonl.")
-    pages_per_pdf: int = Field(0, ge=0, description="raw layout: bind document pages into PDFs of this many pages.")
-    sign_words: bool = Field(True, description="Scene signs carry a word ('... sign reading cat'); off for models "
-                                               "too small to read, whose captions are then colour + shape.")
+from .common import parse_params
+from .params import SynthParams
 
 
 def vocabulary_captions() -> list[str]:

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Literal
 
 from ps3_platform.runtime.task import RunContext, TaskSetupError, TaskState
-from pydantic import Field, field_validator
 
 from ps3.data.fs import filesystem
 from ps3.vila_hd.benchmarks import (
-    DEFAULT_INSTRUCTION,
     BenchmarkError,
     Problem,
     Question,
@@ -35,53 +32,12 @@ from ps3.vila_hd.benchmarks import (
 )
 from ps3.vila_hd.export import ExportError, is_vila_hd_export, load_vila_hd
 from ps3.vila_hd.infer import answer_batch, choose_options, draw_selection
-from ps3.vila_hd.model import LOOK_CLOSE_MODES, Selection
+from ps3.vila_hd.model import Selection
 from ps3.vila_hd.sweep import Item, Setting, plot_sweep, run_setting, sweep_rows
 
-from .common import TaskParams, parse_params
+from .common import parse_params
 from .vila_hd import fresh_model
-
-
-class BenchmarkParams(TaskParams):
-    name: str = Field(description="Name in the results (e.g. 4kpro, vstar).")
-    format: Literal["4kpro", "vstar", "vstar_lmms"] = Field(
-        description="4kpro: JSONL (image, question, options, answer, category, bucket[, box]); vstar: per-category "
-                    "folders of images + JSON annotations; vstar_lmms: lmms-eval's JSONL/parquet (text, label).")
-    uri: str = Field(description="The JSONL/parquet file, or the V* root folder.")
-    categories: list[str] | None = Field(None, description="Allowed categories (default: the benchmark's own).")
-    limit: int | None = Field(None, ge=1, description="Score only the first N usable questions.")
-
-
-class VilaHDEvalParams(TaskParams):
-    benchmarks: list[BenchmarkParams] = Field(min_length=1)
-    llm: str | None = Field(None, description="The LLM directory, when checkpoint.initFrom is a stage's checkpoint "
-                                              "rather than an exported model.")
-    prompt_head: Literal["linear", "mlp"] = "linear"
-    modes: list[Literal[LOOK_CLOSE_MODES]] = Field(  # type: ignore[valid-type]
-        ["after_prompt"], description="Selection modes to compare (after_prompt: top-down, after_image: bottom-up, "
-                                      "random: chance).")
-    patch_fractions: list[float] | None = Field(
-        None, description="Shares of the preset's high-res patches to select (0: low-res only); default: the "
-                          "budget below.")
-    num_look_close: int | Literal["all"] = 1
-    num_token_look_close: int | None = Field(None, ge=0)
-    select_num_each_scale: list[int] | None = None
-    smooth_selection_prob: bool = False
-    dynamic_resolution: bool = False
-    answer: Literal["generate", "options"] = Field(
-        "generate", description="generate: greedy free text, the letter extracted from it; options: the option "
-                                "letter the model scores highest (for models too small to answer in words).")
-    max_new_tokens: int = Field(16, ge=1)
-    batch_size: int = Field(8, ge=1)
-    instruction: str = Field(DEFAULT_INSTRUCTION, description="Appended to every question and its options.")
-    pictures: int = Field(4, ge=0, description="Questions per benchmark drawn with their selected patches.")
-
-    @field_validator("patch_fractions")
-    @classmethod
-    def _shares(cls, value: list[float] | None) -> list[float] | None:
-        if value is not None and (not value or any(not 0.0 <= f <= 1.0 for f in value)):
-            raise ValueError(f"must be a non-empty list of shares in [0, 1], got {value}")
-        return value
+from .params import BenchmarkParams, VilaHDEvalParams
 
 
 def build(ctx: RunContext) -> TaskState:

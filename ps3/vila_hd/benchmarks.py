@@ -36,10 +36,10 @@ from PIL import Image
 
 from ps3.data.fs import filesystem
 
+from .params import DEFAULT_INSTRUCTION
 from .synth import resolution_bucket
 
 LETTERS = "ABCDEFGH"
-DEFAULT_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 FORMATS = ("4kpro", "vstar", "vstar_lmms")
 VSTAR_CATEGORIES = ("direct_attributes", "relative_position")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")

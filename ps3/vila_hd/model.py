@@ -27,11 +27,8 @@ from ps3.model.selection import apply_gt_override
 from ps3.model.vision import LowRes, PS3VisionEncoder, resize_square
 
 from .conversations import IGNORE_INDEX as IGNORE  # labels the loss does not score
+from .params import LOOK_CLOSE_MODES
 from .projector import MMProjector, merge_2x2, whole_blocks
-
-#: after_prompt: top-down, from the LLM's prompt; after_image: bottom-up, PS3's prior; random:
-#: uniform scores, the chance level evaluation compares with (paper table 7).
-LOOK_CLOSE_MODES = ("after_prompt", "after_image", "random")
 
 
 @dataclass

@@ -5,9 +5,20 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
+#: How the high-res patches are chosen: top-down from the LLM's prompt, bottom-up from PS3's
+#: prior, or at random (evaluation's floor).
+LOOK_CLOSE_MODES = ("after_prompt", "after_image", "random")
+#: What evaluation appends to a multiple-choice question (lmms-eval's wording).
+DEFAULT_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+#: Asks an LLM for a question that needs the captioned region (`selection_data`); `{caption}` is filled in.
+DEFAULT_PROMPT = (
+    "A large, detailed image contains a small region described as: \"{caption}\".\n"
+    "Write one question a person might ask about the image that can only be answered by looking "
+    "closely at that region. Reply with the question alone, on one line."
+)
 #: What a stage can train, by name (`params.trainable`).
 MODULES = ("projector", "embeddings", "prompt_head", "selection", "vision", "llm")
 
@@ -40,12 +51,3 @@ class VilaHDParams(BaseModel):
         if not value:
             raise ValueError(f"name at least one of {', '.join(MODULES)}")
         return value
-
-
-def check_params(params: dict) -> list[tuple[tuple, str]]:
-    """Problems with a `vila_hd` stage's params as (path inside params, message)."""
-    try:
-        VilaHDParams.model_validate(params)
-    except ValidationError as exc:
-        return [(tuple(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
-    return []

@@ -36,15 +36,10 @@ from ps3.model import PS3Preset
 
 from .conversations import GROUNDING, IMAGE_EXTS
 from .llm import IMAGE_TOKEN
+from .params import DEFAULT_PROMPT
 
 log = logging.getLogger(__name__)
 
-#: Asks an LLM for a question that needs the captioned region; `{caption}` is filled in.
-DEFAULT_PROMPT = (
-    "A large, detailed image contains a small region described as: \"{caption}\".\n"
-    "Write one question a person might ask about the image that can only be answered by looking "
-    "closely at that region. Reply with the question alone, on one line."
-)
 #: Questions without an LLM; `{caption}` is the region's local caption, also the answer.
 QUESTION_TEMPLATES = (
     "Look closely at this: {caption}",

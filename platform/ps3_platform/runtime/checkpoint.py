@@ -42,6 +42,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -120,6 +121,16 @@ class CheckpointAbandonedError(CheckpointUploadError):
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:09d}"
+
+
+def _load_rank_state(data: bytes, url: str) -> dict:
+    """A rank file holds tensors and plain values only: anything else is refused, never unpickled."""
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise CheckpointError(f"{url} holds objects a weights-only load refuses ({reason}); it was not written "
+                              "by this version of ps3-platform: start from the step before, or afresh") from None
 
 
 def rank_state_name(rank: int) -> str:
@@ -441,8 +452,8 @@ class Checkpointer:
             expected = listed[own].get("sha256")
             if expected is not None and hashlib.sha256(data).hexdigest() != expected:
                 damaged = f"{own} does not match the sha256 in its manifest"
-            else:  # our own file from a committed step (not user input), holding RNG tuples with numpy arrays
-                rank_state = torch.load(io.BytesIO(data), weights_only=False)
+            else:
+                rank_state = _load_rank_state(data, self.location.url_of(f"{name}/{own}"))
         if self._any_rank(bool(damaged)):  # every rank must fall back together, not only the damaged one
             raise CheckpointCorruptError(f"checkpoint step {chosen}: {damaged or 'a rank file is damaged'}")
         if self.metrics is not None:

@@ -63,6 +63,13 @@ def test_quickstart_pipeline_runs_every_stage_from_the_previous_one(platform_hom
     sft_log = "".join(p.read_text() for p in (run / "logs" / "sft").rglob("stderr.log"))
     assert "source hr-sft: 12 conversations, weight 1" in sft_log  # SFT mixes the synthesised high-res data
     assert list((run / "checkpoints" / "vila-hd-quickstart" / "sft").glob("step-*/manifest.json"))
+    # a stage's checkpoint answers too, given its LLM and preset
+    image = next((run / "data" / "eval" / "4kpro" / "images").iterdir())
+    picture = tmp_path / "where.png"
+    assert main(["infer", f"file://{run}/checkpoints/vila-hd-quickstart/sft", str(image), "What colour?",
+                 "--llm", str(run / "data" / "llm"), "--preset", "ps3-tiny", "--max-new-tokens", "2",
+                 "--picture", str(picture), "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["picture"] == str(picture) and picture.exists()
     # the SFT stage exported the model; a new stage starts from that directory
     from ps3.vila_hd.export import load_vila_hd
 

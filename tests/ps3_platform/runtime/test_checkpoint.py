@@ -166,6 +166,26 @@ def test_nothing_committed_is_none_and_load_says_where(tmp_path):
         ck.load(tiny_state()[1])
 
 
+def test_rank_state_round_trips_weights_only_and_anything_else_is_refused(tmp_path):
+    """The per-rank file (RNG states) loads with weights_only=True; a file holding other objects
+    (a pickled numpy array here, as older versions wrote) is a one-line error naming it."""
+    import numpy as np
+
+    from ps3_platform.runtime.checkpoint import CheckpointError
+    from ps3_platform.runtime.state import rng_state, set_rng_state
+
+    ck = checkpointer(f"file://{tmp_path}")
+    np.random.seed(3)
+    ck.save(1, tiny_state()[1], {"rng": rng_state()})
+    expected = np.random.rand(3)
+    _, rank_state = ck.load(tiny_state()[1])
+    set_rng_state(rank_state["rng"])
+    assert np.array_equal(np.random.rand(3), expected)
+    ck.save(2, tiny_state()[1], {"rng": {"numpy": np.random.get_state()}})
+    with pytest.raises(CheckpointError, match=r"rank-00000\.pt holds objects a weights-only load refuses"):
+        ck.load(tiny_state()[1])
+
+
 def test_resaving_a_step_uncommits_the_stale_manifest_first(tmp_path, monkeypatch):
     """Saving step N again (after resuming from an older step) never mixes old and new files."""
     ck = checkpointer(f"file://{tmp_path}")
