@@ -144,8 +144,9 @@ def cmd_submit(args) -> int:
     result = backend.submit(loaded.job, objects, replace=args.replace, delete_checkpoints=args.delete_checkpoints)
     print(result.message)
     if args.wait:
-        code = backend.wait(loaded.job.metadata.name, follow=not args.quiet)
-        from ps3_platform.backends.display import print_summary
+        from ps3_platform.backends.display import print_summary, progress_printer
+
+        code = backend.wait(loaded.job.metadata.name, on_status=None if args.quiet else progress_printer())
 
         print_summary(backend.status(loaded.job.metadata.name), spec_file=args.file)
         return code

@@ -17,7 +17,7 @@ from .index import DataSourceError, SourceIndex, build_index, read_index
 from .loader import DataSource, LoaderConfig, PS3Loader, build_loader
 from .records import BAD_REASONS, BadSample, Record
 from .sampling import BatchPlanner, SamplingError, SourceInfo
-from .shards import ShardWriter
+from .writer import ShardWriter
 from .views import ViewConfig
 
 

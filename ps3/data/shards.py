@@ -10,7 +10,6 @@ costs about what a streamed read does.
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
 from .fs import filesystem, join
-from .records import IMAGE_EXTS, BadSample, Record
+from .records import IMAGE_EXTS, BadSample
 from .retry import ReadRetry, read_with
 
 SIDECAR_SUFFIX = ".idx.json"
@@ -167,73 +166,6 @@ def read_sample_bytes(fs, path: str, entry: SampleEntry, reads: ReadRetry | None
     img = blob[entry.image[0] - start: entry.image[0] - start + entry.image[1]]
     js = blob[entry.json[0] - start: entry.json[0] - start + entry.json[1]]
     return img, js
-
-
-class ShardWriter:
-    """Writes samples of one source into numbered tar shards plus their offset tables.
-
-    Each shard is assembled in memory, then uploaded in one write, so the same code
-    writes to local disk and object storage. `close()` writes `index.json` and returns it.
-    """
-
-    def __init__(self, uri: str, source: str, samples_per_shard: int = 100, max_shard_bytes: int = 256 << 20):
-        self.uri, self.source = uri.rstrip("/"), source
-        self.samples_per_shard, self.max_shard_bytes = samples_per_shard, max_shard_bytes
-        self.fs, self.path = filesystem(self.uri)
-        self.fs.makedirs(self.path, exist_ok=True)
-        self._shard_names: list[str] = []
-        self._open_new()
-
-    def _open_new(self) -> None:
-        self._buffer = io.BytesIO()
-        self._tar = wds.TarWriter(self._buffer, encoder=False)
-        self._count = 0
-
-    def write(self, key: str, image: bytes, image_ext: str, record: Record) -> None:
-        """Append one sample; `key` must be unique within the source and contain no dot."""
-        if image_ext not in IMAGE_EXTS:
-            raise ValueError(f"image extension {image_ext!r} not one of {IMAGE_EXTS}")
-        self.write_members(key, {image_ext: image, "json": record.to_json()})
-
-    def write_members(self, key: str, members: dict[str, bytes]) -> None:
-        """Append one sample given as raw members (extension -> bytes), unvalidated.
-
-        For converters from other formats, and for tests that need damaged samples.
-        """
-        if "." in key or "/" in key:
-            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
-        self._tar.write({"__key__": key, **members})
-        self._count += 1
-        if self._count >= self.samples_per_shard or self._buffer.tell() >= self.max_shard_bytes:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._count == 0:
-            return
-        self._tar.close()
-        data = self._buffer.getvalue()
-        name = SHARD_PATTERN.format(len(self._shard_names))
-        scan = scan_tar(io.BytesIO(data), len(data))
-        self.fs.pipe_file(f"{self.path}/{name}", data)
-        write_sidecar(self.fs, f"{self.path}/{name}", scan.samples, len(data))
-        self._shard_names.append(name)
-        self._open_new()
-
-    def close(self) -> dict:
-        """Flush the last shard and write the source's index.json; returns the index."""
-        from .index import (
-            build_index,  # index builds on shards; import here avoids a cycle
-        )
-
-        self._flush()
-        return build_index(self.uri, source=self.source)
-
-    def __enter__(self) -> ShardWriter:  # noqa: PYI034 (typing.Self needs Python 3.11)
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is None:
-            self.close()
 
 
 def write_sidecar(fs, shard_path: str, samples: list[SampleEntry], size: int) -> None:

@@ -37,7 +37,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFont
 
 from .fs import filesystem, join
 from .records import Record
-from .shards import ShardWriter
+from .writer import ShardWriter
 
 COLOURS = {
     "red": (215, 35, 35), "green": (30, 160, 60), "blue": (35, 75, 215), "yellow": (240, 205, 20),

@@ -37,7 +37,8 @@ from ps3.data.index import DataSourceError, SourceIndex, read_index
 from ps3.data.retry import read_with
 
 # Shared with PS3Loader on purpose: both loaders cut, accept sources and record positions alike.
-from ps3.data.shards import ShardWriter, iter_webdataset
+from ps3.data.shards import iter_webdataset
+from ps3.data.writer import ShardWriter
 
 from .llm import IMAGE_TOKEN  # the placeholder of one image in a turn
 

@@ -37,7 +37,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from ps3.data.fs import filesystem, join
-from ps3.data.shards import SIDECAR_SUFFIX, ShardWriter
+from ps3.data.shards import SIDECAR_SUFFIX
+from ps3.data.writer import ShardWriter
 from PIL import Image, ImageDraw
 
 from ps3.data.synth import SIGN_COLOURS, SIGN_SHAPES, SynthConfig, encode, make_scene

@@ -6,9 +6,11 @@ Status is one shape for both backends so `status -o json` means the same everywh
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from collections.abc import Iterator
 
 from ps3_platform.spec import JobSpec
 
@@ -96,9 +98,10 @@ class Backend(ABC):
     def cancel(self, name: str) -> str:
         return self._cancel(name)
 
-    def wait(self, name: str, *, follow: bool = True, poll_s: float = 2.0) -> int:
-        """Block until the job ends; prints progress; exit code 0 only when it succeeded."""
-        return self._wait(name, follow=follow, poll_s=poll_s)
+    def wait(self, name: str, *, on_status: Callable[[JobStatus], None] | None = None, poll_s: float = 2.0) -> int:
+        """Block until the job ends, handing each polled status to `on_status` (the CLI prints a
+        progress line); exit code 0 only when it succeeded."""
+        return self._wait(name, on_status=on_status, poll_s=poll_s)
 
     @abstractmethod
     def _submit(self, job: JobSpec, objects: list[dict], *, replace: bool,
@@ -116,18 +119,11 @@ class Backend(ABC):
     @abstractmethod
     def _cancel(self, name: str) -> str: ...
 
-    def _wait(self, name: str, *, follow: bool, poll_s: float) -> int:
-        import time
-
-        from .display import progress_line
-
-        last = ""
+    def _wait(self, name: str, *, on_status: Callable[[JobStatus], None] | None, poll_s: float) -> int:
         while True:
             status = self.status(name)
-            line = progress_line(status)
-            if follow and line != last:
-                print(line, flush=True)
-                last = line
+            if on_status is not None:
+                on_status(status)
             if status.done:
                 return 0 if status.phase == "Succeeded" else 1
             time.sleep(poll_s)

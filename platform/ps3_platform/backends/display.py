@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from rich import box
 from rich.console import Console
@@ -30,6 +31,20 @@ def _eta(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+
+def progress_printer() -> Callable[[JobStatus], None]:
+    """What `submit --wait` prints while it waits: the progress line, each time it changes."""
+    last = ""
+
+    def show(status: JobStatus) -> None:
+        nonlocal last
+        line = progress_line(status)
+        if line != last:
+            print(line, flush=True)
+            last = line
+
+    return show
 
 
 def progress_line(status: JobStatus) -> str:

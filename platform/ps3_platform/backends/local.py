@@ -417,9 +417,9 @@ class LocalBackend(Backend):
         return (f"stage {stage} stopped at step {step} but its final save did NOT commit: the last committed "
                 f"checkpoint is step {committed} (steps {committed + 1}-{step} are recomputed on resume)")
 
-    def _wait(self, name: str, *, follow: bool, poll_s: float) -> int:
+    def _wait(self, name: str, *, on_status, poll_s: float) -> int:
         try:
-            return super()._wait(name, follow=follow, poll_s=poll_s)
+            return super()._wait(name, on_status=on_status, poll_s=poll_s)
         except KeyboardInterrupt:
             print(f"\ninterrupted: cancelling {name!r}", file=sys.stderr, flush=True)
             print(self._cancel(name), file=sys.stderr)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from ps3.data.records import Record
-from ps3.data.shards import ShardWriter
+from ps3.data.writer import ShardWriter
 
 
 def jpeg_bytes(width: int, height: int, colour=(200, 30, 30), quality: int = 90) -> bytes:

@@ -159,13 +159,13 @@ def test_a_stage_killed_mid_run_resumes_exactly(tmp_path, platform_home):
         return load_text(KILL_SPEC.format(name=name, data=data, ckpt=tmp_path / "ckpt")).job
 
     backend.submit(job("straight"), [])
-    assert backend.wait("straight", follow=False, poll_s=0.3) == 0
+    assert backend.wait("straight", poll_s=0.3) == 0
     backend.submit(job("killed"), [])
     deadline = time.time() + 300
     while len(losses("killed")) < 5 and time.time() < deadline:
         time.sleep(0.1)
     os.kill(int((backend.run_dir("killed") / "train" / "rank-1.pid").read_text()), signal.SIGKILL)
-    assert backend.wait("killed", follow=False, poll_s=0.3) == 0
+    assert backend.wait("killed", poll_s=0.3) == 0
     assert backend.status("killed").stages[0].restarts >= 1
     assert losses("killed")[8] == losses("straight")[8]  # the same data, weights and optimizer state
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from ps3.data.records import Record
-from ps3.data.shards import ShardWriter
+from ps3.data.writer import ShardWriter
 from ps3.model import get_preset
 from ps3.vila_hd import selection_data
 from ps3.vila_hd.conversations import iter_conversations, validate_sample

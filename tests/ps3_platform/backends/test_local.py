@@ -48,7 +48,7 @@ def test_two_worker_job_runs_to_completion(platform_home):
     backend = LocalBackend()
     result = backend.submit(_job(), [])
     assert result.created
-    assert backend.wait("toy", follow=False, poll_s=0.5) == 0
+    assert backend.wait("toy", poll_s=0.5) == 0
     status = backend.status("toy")
     assert status.phase == "Succeeded"
     (stage,) = status.stages
@@ -62,7 +62,7 @@ def test_two_worker_job_runs_to_completion(platform_home):
 def test_changed_spec_needs_replace(platform_home):
     backend = LocalBackend()
     backend.submit(_job(steps=2), [])
-    backend.wait("toy", follow=False, poll_s=0.5)
+    backend.wait("toy", poll_s=0.5)
     from ps3_platform.backends.base import BackendError
 
     with pytest.raises(BackendError, match="--replace"):
@@ -84,7 +84,7 @@ def test_resubmitting_a_cancelled_job_resumes_it_from_its_committed_checkpoint(p
     assert backend.status("toy").phase == "Cancelled" and saved < 60
     result = backend.submit(_job(steps=60, step_seconds=0.05), [])
     assert result.created and result.message.startswith(f"job 'toy' was Cancelled; resuming it in place: train from step {saved}")
-    assert backend.wait("toy", follow=False, poll_s=0.5) == 0
+    assert backend.wait("toy", poll_s=0.5) == 0
     assert backend.status("toy").stages[0].step == 60
     logs = "".join(backend.logs("toy", rank=0))
     assert f"resumed from step {saved}" in logs
@@ -93,21 +93,21 @@ def test_resubmitting_a_cancelled_job_resumes_it_from_its_committed_checkpoint(p
 def test_replace_never_deletes_checkpoints_unless_asked_and_lists_them(platform_home):
     backend = LocalBackend()
     backend.submit(_job(steps=5), [])
-    assert backend.wait("toy", follow=False, poll_s=0.5) == 0
+    assert backend.wait("toy", poll_s=0.5) == 0
     run_dir = backend.run_dir("toy")
     assert _committed(run_dir) == [5]
     result = backend.submit(_job(steps=6), [], replace=True)
     aside = next(platform_home.glob("runs/toy.replaced-*"))
     assert f"checkpoints (1 steps) are kept in {aside / 'checkpoints'}" in result.message
     assert (aside / "checkpoints/toy/train/step-000000005/manifest.json").exists()
-    assert backend.wait("toy", follow=False, poll_s=0.5) == 0
+    assert backend.wait("toy", poll_s=0.5) == 0
     from ps3_platform.backends.base import BackendError
 
     with pytest.raises(BackendError, match="goes with --replace"):
         backend.submit(_job(steps=6), [], delete_checkpoints=True)
     result = backend.submit(_job(steps=7), [], replace=True, delete_checkpoints=True)
     assert "deleted the replaced run's checkpoints: toy/train/step-000000005, toy/train/step-000000006" in result.message
-    assert backend.wait("toy", follow=False, poll_s=0.5) == 0
+    assert backend.wait("toy", poll_s=0.5) == 0
 
 
 def test_sigkilled_worker_is_restarted_and_job_succeeds(platform_home):
@@ -117,7 +117,7 @@ def test_sigkilled_worker_is_restarted_and_job_succeeds(platform_home):
     metrics = backend.run_dir("toy") / "train" / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 8, what="training progress")
     os.kill(int(pid_file.read_text()), signal.SIGKILL)
-    assert backend.wait("toy", follow=False, poll_s=0.5) == 0
+    assert backend.wait("toy", poll_s=0.5) == 0
     status = backend.status("toy")
     assert status.stages[0].restarts >= 1
     assert status.stages[0].step == 40

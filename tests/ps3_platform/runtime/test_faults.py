@@ -133,7 +133,7 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_resubmitted_job_ends_bit
 
     message = backend.submit(_job("damaged", uri, step_seconds=0.1), []).message
     assert "resuming it in place" in message
-    assert backend.wait("damaged", follow=False, poll_s=0.3) == 0, backend.status("damaged")
+    assert backend.wait("damaged", poll_s=0.3) == 0, backend.status("damaged")
     logs = "\n".join(backend.logs("damaged"))
     assert f"checkpoint step {newest} is damaged" in logs and "falling back to the newest intact step" in logs
     assert list((stage_dir / "set-aside").glob(f"{step_dir_name(newest)}.damaged-*/*.distcp"))
@@ -258,5 +258,5 @@ def test_kill_9_of_a_rank_during_a_stuck_upload_restarts_the_group_promptly(stor
     _wait_for(lambda: any(r.get("attempt", 0) >= 1 for r in _steps_logged(backend, "killup")), timeout=120,
               what="a step of the restarted group")
     assert time.monotonic() - killed < 30  # was 36 s when a stuck wait ignored SIGTERM (bench/faults.py: ~8 s)
-    assert backend.wait("killup", follow=False, poll_s=0.3) == 0, backend.status("killup")
+    assert backend.wait("killup", poll_s=0.3) == 0, backend.status("killup")
     assert _final_state(uri, "killup")[1].step == 60

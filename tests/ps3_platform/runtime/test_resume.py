@@ -69,7 +69,7 @@ def _final_state(uri: str, name: str) -> tuple[dict, Counters]:
 
 def _run(backend, job) -> None:
     backend.submit(job, [])
-    assert backend.wait(job.metadata.name, follow=False, poll_s=0.3) == 0, backend.status(job.metadata.name)
+    assert backend.wait(job.metadata.name, poll_s=0.3) == 0, backend.status(job.metadata.name)
 
 
 @pytest.mark.faults
@@ -81,7 +81,7 @@ def test_sigkill_mid_run_resumes_bit_identical(tmp_path):
     backend.submit(_job("killed", uri), [])
     _wait_for(lambda: len(_steps_logged(backend, "killed")) >= 12, what="12 steps")
     os.kill(int((backend.run_dir("killed") / "train" / "rank-1.pid").read_text()), signal.SIGKILL)
-    assert backend.wait("killed", follow=False, poll_s=0.3) == 0
+    assert backend.wait("killed", poll_s=0.3) == 0
     resumed, counters = _final_state(uri, "killed")
 
     assert backend.status("killed").stages[0].restarts >= 1
@@ -103,7 +103,7 @@ def test_world_size_change_keeps_global_batch_and_loss_curve(tmp_path):
     stopped_at = max(first_half)
     # Same job, one worker instead of two: resources are not part of the spec hash.
     backend.submit(_job("shrink", uri, procs=1, step_seconds=0.1), [], replace=True)
-    assert backend.wait("shrink", follow=False, poll_s=0.3) == 0
+    assert backend.wait("shrink", poll_s=0.3) == 0
     second_half = {r["step"]: r["loss"] for r in _steps_logged(backend, "shrink")}
     _, counters = _final_state(uri, "shrink")
 
@@ -188,7 +188,7 @@ def test_s3_outage_of_30s_during_training_is_survived(tmp_path):
                   what="an upload to fail and be retried", timeout=180)
         time.sleep(max(0.0, 30 - (time.monotonic() - stopped)))
         server.start()
-        assert backend.wait("outage", follow=False, poll_s=0.5) == 0, backend.status("outage")
+        assert backend.wait("outage", poll_s=0.5) == 0, backend.status("outage")
         _, counters = _final_state(uri, "outage")
         assert counters.step == 60
         assert "giving up" not in "\n".join(backend.logs("outage"))
@@ -214,11 +214,11 @@ def test_fsdp2_and_bf16_run_checkpoint_and_resume(tmp_path):
                                   "spec.train.steps=14"]).job
     # A longer schedule is a spec change: refused by default (exit 2), accepted when allowed.
     backend.submit(longer, [], replace=True)
-    assert backend.wait("sharded", follow=False, poll_s=0.3) == 1
+    assert backend.wait("sharded", poll_s=0.3) == 1
     assert "--allow-spec-change" in "\n".join(backend.logs("sharded"))
     longer.spec.env = {"PS3_ALLOW_SPEC_CHANGE": "1"}  # what `submit --allow-spec-change` adds
     backend.submit(longer, [], replace=True)
-    assert backend.wait("sharded", follow=False, poll_s=0.3) == 0
+    assert backend.wait("sharded", poll_s=0.3) == 0
     _, counters = _final_state(uri, "sharded")
     assert counters.step == 14 and counters.resumes >= 1
 
