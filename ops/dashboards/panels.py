@@ -130,6 +130,12 @@ def _checkpoint_row() -> Row:
             f"sum by {BY_STAGE} (increase(ps3_checkpoint_failures_total{{{TRAIN}}}[1h]))"),), "short", kind="stat"),
         Panel("Restarts", (_train(f"max by {BY_STAGE} (ps3_restarts{{{TRAIN}}})"),), "short",
               description="Times the run resumed from a checkpoint (alert: 3 within an hour)."),
+        Panel("Restart cost", (
+            _train(f"max by {BY_STAGE} (ps3_restart_to_first_step_seconds{{{TRAIN}}})",
+                   "to first step (s) {{job}}/{{stage}}"),
+            _train(f"max by {BY_STAGE} (ps3_lost_steps{{{TRAIN}}})", "steps recomputed {{job}}/{{stage}}")),
+              "short", description="After the last restart: seconds from a worker's process start to its first "
+                                   "step (slowest worker), and steps done past the checkpoint it resumed from."),
         Panel("Bad samples per second", (_train(
             f"sum by (namespace, job, stage, reason) (rate(ps3_data_bad_samples_total{{{TRAIN}}}[{RATE}]))\n"
             f"  or 0 * sum by {BY_STAGE} (rate(ps3_samples_total{{{TRAIN}}}[{RATE}]))",

@@ -42,6 +42,8 @@ class StageStatus:
     workers: int | None = None
     message: str = ""
     storage: str = ""  # checkpoint uploads failing: since when, how many retries, the last error
+    restart_to_first_step_s: float | None = None  # after the last restart: process start -> first step
+    lost_steps: int | None = None  # steps the last restart recomputed (done past the checkpoint resumed from)
 
 
 @dataclass

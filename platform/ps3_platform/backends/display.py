@@ -87,6 +87,9 @@ def print_status(status: JobStatus, console: Console | None = None) -> None:
             console.print(f"{s.name}: {s.message}", soft_wrap=True)
         if s.storage:
             console.print(f"{s.name}: {s.storage}", soft_wrap=True)
+        if s.restart_to_first_step_s is not None or s.lost_steps:
+            console.print(f"{s.name}: last restart: first step {_fmt(s.restart_to_first_step_s, '.1f')} s after "
+                          f"the worker started, {_fmt(s.lost_steps)} steps recomputed", soft_wrap=True)
     if status.eval:
         print_eval(status.eval, console)
     for stage, summary in status.curation.items():

@@ -323,6 +323,8 @@ class LocalBackend(Backend):
             status.total_steps = record.get("total", status.total_steps)
             status.unit = record.get("unit", "steps")
             status.failures = record.get("failures") or record.get("bad_samples") or {}  # data stages; training
+            status.restart_to_first_step_s = record.get("restart_to_first_step_s")
+            status.lost_steps = record.get("lost_steps")
             stalled = _stalled_for(record, time.time()) if status.phase == "Running" else None
             if stalled is not None:  # no ETA: it would pretend the stage is moving
                 status.message = f"stalled: no step for {int(stalled)} s (last: step {status.step})"

@@ -68,6 +68,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem as LocalDcpFileSy
 from torch.distributed.checkpoint.stateful import Stateful
 
 from .metrics import Metrics
+from .restart import PROGRESS
 from .storage import (
     DEFAULT_REQUEST_TIMEOUT_S,
     Location,
@@ -767,6 +768,22 @@ class Checkpointer:
     def _fail_if_gone(self, ranks: set[int], step: int) -> None:
         if self._peers is not None and (gone := self._peers.gone(sorted(ranks))):
             raise StorageError(f"ranks {gone} are gone: step {step} cannot commit")
+
+    # ---- progress (what a restart lost) -------------------------------------------------
+    def write_progress(self, record: dict) -> None:
+        """Leave this attempt's progress beside the checkpoints (rank 0, at log intervals).
+
+        Best effort: a failed write is logged and costs only the next restart's lost-steps
+        figure, never the run."""
+        try:
+            self.location.fs.pipe_file(self.location.path(PROGRESS), json.dumps(record).encode())
+        except Exception as exc:  # noqa: BLE001 - any storage error; training goes on
+            log.warning("could not write %s: %s", self.location.url_of(PROGRESS), exc)
+
+    def read_progress(self) -> dict | None:
+        """The previous attempt's last progress record, if it left one."""
+        record = self._read_json(self.location.path(PROGRESS))
+        return record if isinstance(record, dict) else None
 
     def _read_json(self, path: str) -> dict | None:
         """A small JSON object, or None if it is absent, unreadable or the store is down (polling)."""

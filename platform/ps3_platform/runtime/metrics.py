@@ -42,6 +42,10 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ps3_checkpoint_interval_seconds": ("gauge", "Expected seconds between checkpoints (intervalSteps x step time).", ()),
     "ps3_checkpoint_failures_total": ("counter", "Checkpoint save attempts that failed (retried).", ()),
     "ps3_restarts": ("gauge", "Times this run has been resumed from a checkpoint.", ()),
+    "ps3_restart_to_first_step_seconds": ("gauge", "Seconds from this worker's process start to its first step "
+                                                   "after resuming from a checkpoint.", ()),
+    "ps3_lost_steps": ("gauge", "Steps the previous attempt had done past the checkpoint this one resumed from "
+                                "(as of its last log interval).", ()),
     "ps3_data_bad_samples_total": ("counter", "Samples skipped as unreadable, by reason (reason read_retries: data reads retried during a storage outage).", ("reason",)),
     "ps3_nonfinite_loss_total": ("counter", "Steps whose loss was NaN or infinite.", ()),
     "ps3_mfu": ("gauge", "Model FLOPs utilisation estimate (0..1) against the device's peak.", ()),

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from .checkpoint import CheckpointAbandonedError
 from .distributed import WorldInfo
 from .metrics import JsonlLog
+from .restart import RestartCost
 from .signals import StopFlag
 from .state import Counters, ModelAndOptimizer, rng_state, seed_everything, set_rng_state
 from .task import RunContext, StepResult, TaskState
@@ -66,6 +67,7 @@ class Trainer:
         ctx.log.info("precision: %s", "bf16 autocast" if self.autocast else "fp32")
         self._bad_reported: dict[str, int] = {}
         self._mean_step_s: float | None = None
+        self.restart = RestartCost()
 
     # ---- checkpoint state -------------------------------------------------------------
     def _state(self, with_data: bool = True) -> dict:
@@ -102,7 +104,12 @@ class Trainer:
             seed_everything(self.ctx.stage.train.seed + 1000 * self.world.rank + step)
         self.counters.resumes += 1
         self.ctx.metrics.get("ps3_restarts").set(self.counters.resumes)
-        self.ctx.log.info("resumed from step %d (samples %d)", step, self.counters.samples)
+        self.restart.resumed(step, self.checkpointer.read_progress())
+        if self.restart.lost_steps is not None:
+            self.ctx.metrics.get("ps3_lost_steps").set(self.restart.lost_steps)
+        self.ctx.log.info("resumed from step %d (samples %d)%s", step, self.counters.samples,
+                          "" if not self.restart.lost_steps else f"; {self.restart.lost_steps} steps done "
+                          "since that checkpoint are recomputed")
 
     def save(self) -> None:
         if self.checkpointer is None:
@@ -255,6 +262,10 @@ class Trainer:
 
     def _report(self, stats: StepStats) -> None:
         m, plan, step = self.ctx.metrics, self.ctx.batch, self.counters.step
+        first = self.restart.first_step_done()
+        if first is not None:
+            m.get("ps3_restart_to_first_step_seconds").set(first)
+            self.ctx.log.info("first step after the restart: %.1f s after this process started", first)
         samples_per_s = plan.global_batch / stats.seconds
         lr = self.task.optimizer.param_groups[0]["lr"]
         m.get("ps3_step_seconds").observe(stats.seconds)
@@ -292,7 +303,9 @@ class Trainer:
                       "samples_per_s": round(samples_per_s, 3), "step_seconds": round(stats.seconds, 4),
                       "data_wait_s": round(stats.data_wait, 4), "tokens_per_s": round(tokens_per_s, 1),
                       **({"mfu": round(mfu, 6)} if mfu is not None else {}),
-                      **({"bad_samples": bad} if bad else {}), **stats.extra}
+                      **({"bad_samples": bad} if bad else {}), **self.restart.record(), **stats.extra}
             self.log.write(record)
+            if self.checkpointer is not None:
+                self.checkpointer.write_progress({"step": step, "attempt": self.counters.resumes, "time": time.time()})
             self.ctx.log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step, self.total_steps,
                               stats.loss, lr, samples_per_s)

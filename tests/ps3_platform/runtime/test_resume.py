@@ -6,6 +6,7 @@ run that resumes correctly must end with exactly the weights of an uninterrupted
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -13,8 +14,10 @@ import time
 
 import pytest
 import torch
+from rich.console import Console
 
 from ps3.tasks.noop import Regressor
+from ps3_platform.backends.display import print_status
 from ps3_platform.backends.local import LocalBackend
 from ps3_platform.runtime.checkpoint import Checkpointer
 from ps3_platform.runtime.state import Counters, ModelAndOptimizer
@@ -84,8 +87,19 @@ def test_sigkill_mid_run_resumes_bit_identical(tmp_path):
     assert backend.wait("killed", poll_s=0.3) == 0
     resumed, counters = _final_state(uri, "killed")
 
-    assert backend.status("killed").stages[0].restarts >= 1
+    stage = backend.status("killed").stages[0]
+    assert stage.restarts >= 1
     assert counters.resumes >= 1 and counters.step == ref_counters.step == 30
+    # what the restart cost: measured by the workers, shown by status
+    records = _steps_logged(backend, "killed")
+    reached = max(r["step"] for r in records if r["attempt"] == 0)
+    resumed_step = next(r["resumed_step"] for r in records if r["attempt"] == 1)
+    assert resumed_step % 5 == 0 and reached - resumed_step - 1 <= stage.lost_steps <= reached - resumed_step
+    assert 0 < stage.restart_to_first_step_s < 120
+    shown = io.StringIO()
+    print_status(backend.status("killed"), Console(file=shown, width=200))
+    assert f"train: last restart: first step {stage.restart_to_first_step_s:.1f} s after the worker started, " \
+           f"{stage.lost_steps} steps recomputed" in shown.getvalue()
     assert counters.samples == ref_counters.samples == 30 * 8
     for key in reference:
         assert torch.equal(reference[key], resumed[key]), key
