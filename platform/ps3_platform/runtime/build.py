@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from ps3_platform.spec import BatchPlan, JobSpec, Stage
-from ps3_platform.spec.models import expand_run_placeholder
+from ps3_platform.spec.models import EVAL_RECORD, expand_run_placeholder
 
 from .checkpoint import CheckpointCorruptError, CheckpointError, Checkpointer, CheckpointNotFoundError
 from .distributed import WorldInfo, init_distributed, parallelize, shutdown_distributed
@@ -21,7 +21,7 @@ from .optim import build_optimizer, build_scheduler
 from .peers import Peers
 from .signals import StopFlag
 from .state import seed_everything
-from .storage import StorageConfigError, StorageError, check_storage
+from .storage import StorageConfigError, StorageError, check_storage, open_location, storage_options
 from .task import RunContext, TaskSetupError, TaskState, UnknownTaskError, resolve_task
 from .trainer import SpecChangedError, Trainer
 
@@ -39,6 +39,22 @@ def run_dir_for(job: str, stage: str) -> Path:
 
 def checkpoint_uri(stage: Stage, run_dir: Path) -> str:
     return stage.checkpoint.uri or f"file://{run_dir.parent.resolve()}/checkpoints"
+
+
+def _publish_eval(job: JobSpec, stage: Stage, world: WorldInfo, run_dir: Path, log: logging.Logger) -> None:
+    """Copy the stage's eval.json beside its checkpoints, where `platformctl status` finds it on a
+    cluster (a pod's run directory goes with the pod). Best effort: the local copy stays."""
+    local = run_dir / EVAL_RECORD
+    if not world.is_main or not local.exists():
+        return
+    url = f"{checkpoint_uri(stage, run_dir).rstrip('/')}/{job.metadata.name}/{stage.name}"
+    try:
+        location = open_location(url, storage_options(url))
+        if location.is_local:  # object stores have no directories to make
+            location.fs.makedirs(location.root, exist_ok=True)
+        location.fs.pipe_file(location.path(EVAL_RECORD), local.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - any storage error: the evaluation itself is done
+        log.warning("could not copy %s to %s: %s", EVAL_RECORD, url, exc)
 
 
 def _serve_metrics(metrics: Metrics, stage: Stage, world: WorldInfo, log: logging.Logger) -> None:
@@ -123,6 +139,7 @@ def run_stage(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, log
                 task.run()
             except TaskSetupError as exc:  # found only once running (a data task's inputs): still one line
                 raise RunSetupError(str(exc)) from None
+            _publish_eval(job, stage, world, run_dir, log)
             return "completed"
         try:  # a misconfigured store fails here in one line, not after the retry budget
             check_storage(checkpoint_uri(stage, run_dir))
@@ -141,6 +158,7 @@ def run_stage(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, log
             outcome = trainer.train()
             if outcome == "completed" and task.evaluate is not None:
                 task.evaluate()
+                _publish_eval(job, stage, world, run_dir, log)
         except (SpecChangedError, CheckpointNotFoundError, CheckpointCorruptError) as exc:
             raise RunSetupError(str(exc)) from None  # retrying cannot help: the user must choose
         finally:  # whatever happened: the step reached and the step a resume starts from (`cancel` says both)

@@ -776,6 +776,8 @@ class Checkpointer:
         Best effort: a failed write is logged and costs only the next restart's lost-steps
         figure, never the run."""
         try:
+            if self.location.is_local:
+                self.location.fs.makedirs(self.location.root, exist_ok=True)
             self.location.fs.pipe_file(self.location.path(PROGRESS), json.dumps(record).encode())
         except Exception as exc:  # noqa: BLE001 - any storage error; training goes on
             log.warning("could not write %s: %s", self.location.url_of(PROGRESS), exc)

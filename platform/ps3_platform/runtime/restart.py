@@ -5,8 +5,8 @@ restarted worker takes from its process starting (interpreter, imports, rendezvo
 build, checkpoint load, first batch) to its first completed step, and the work thrown away,
 the steps the previous attempt had done past the checkpoint this one resumed from. The
 second needs the previous attempt's progress, which died with it: rank 0 leaves a small
-`progress.json` beside the checkpoints at every log interval, so it is known to within one
-log interval (a lower bound).
+`progress.json` beside the checkpoints at every log interval (the record `platformctl
+status` reads on a cluster), so it is known to within one log interval (a lower bound).
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import os
 import time
 from dataclasses import dataclass
 
-PROGRESS = "progress.json"
+from ps3_platform.spec.models import PROGRESS_RECORD
+
+PROGRESS = PROGRESS_RECORD
 _IMPORTED_AT = time.time()  # fallback process start where /proc is not there
 
 

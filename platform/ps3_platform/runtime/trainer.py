@@ -192,6 +192,14 @@ class Trainer:
         seconds = time.perf_counter() - started
         return StepStats(loss, grad_norm, seconds, data_wait, samples, tokens, extra)
 
+    def _progress_record(self, step: int, loss: float, samples_per_s: float) -> dict:
+        """What `platformctl status` shows of a stage on a cluster, and what a restart lost."""
+        eta = (self.total_steps - step) * self._mean_step_s if self._mean_step_s else None
+        return {"step": step, "total_steps": self.total_steps, "loss": round(loss, 6),
+                "samples_per_s": round(samples_per_s, 3), "eta_s": None if eta is None else round(eta, 1),
+                "committed_step": self.checkpointer.committed_step, "restarts": self.counters.resumes,
+                "attempt": self.counters.resumes, **self.restart.record(), "time": round(time.time(), 3)}
+
     def _no_sync(self, model, sync: bool):
         """Reduce gradients once per optimizer step, not once per micro-batch."""
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter only on the last one
@@ -306,6 +314,6 @@ class Trainer:
                       **({"bad_samples": bad} if bad else {}), **self.restart.record(), **stats.extra}
             self.log.write(record)
             if self.checkpointer is not None:
-                self.checkpointer.write_progress({"step": step, "attempt": self.counters.resumes, "time": time.time()})
+                self.checkpointer.write_progress(self._progress_record(step, stats.loss, samples_per_s))
             self.ctx.log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step, self.total_steps,
                               stats.loss, lr, samples_per_s)

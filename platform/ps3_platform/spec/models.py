@@ -27,6 +27,12 @@ KNOWN_TASKS = ("noop", "sleep", "synth_data", "curate", "ps3_pretrain", "ps3_eva
                "vila_hd", "hr_sft_synth", "selection_data", "vila_hd_eval")
 #: Tasks whose workers form a Ray cluster: their pods name the Ray ports (`ps3_platform.ports`).
 RAY_TASKS = ("curate",)
+#: An evaluating stage's results (`eval.json`): in its run directory and, copied by the runtime,
+#: beside its checkpoints (`{checkpoint.uri}/{job}/{stage}/`) where a cluster's `status` reads them.
+EVAL_RECORD = "eval.json"
+#: A training stage's progress, written by rank 0 beside its checkpoints at each log interval (step,
+#: loss, ETA, last commit, restarts and their cost): what a cluster's `status` shows of it.
+PROGRESS_RECORD = "progress.json"
 #: A curate stage's summary, written beside its checkpoints (`{checkpoint.uri}/{job}/{stage}/`)
 #: and in its run directory; `platformctl status` shows it on either backend.
 CURATION_RECORD = "curation.json"

@@ -93,6 +93,8 @@ def test_eval_stage_sweeps_settings_and_reports_through_status(platform_home, be
     assert set(pro["settings"]["lowres"]["per_bucket"]) <= {"1K", "2K", "4K"}
     run = platform_home / "runs" / "bench" / "train"
     assert Image.open(run / "sweep.png").format == "PNG" and Image.open(pro["pictures"][0]).format == "PNG"
+    published = platform_home / "runs" / "bench" / "checkpoints" / "bench" / "train" / "eval.json"
+    assert json.loads(published.read_text()) == evaluation  # beside the checkpoints: what a cluster's status reads
     answers = (run / "answers-pro.jsonl").read_text().splitlines()
     assert len(answers) == 5 * len(settings)
     monkeypatch.setenv("COLUMNS", "160")  # rich folds a wide table into a narrow terminal

@@ -683,3 +683,27 @@ def test_status_shows_the_summary_a_finished_curate_stage_left_beside_its_checkp
     assert status.curation == {"train": {"sources": {"web": {"inputs": 3, "images": 2}}, "failures": {"no_masks": 1}}}
     record.unlink()  # a store this machine cannot read: no summary, no error
     assert backend.status("cur").curation == {}
+
+
+def test_status_reads_the_record_rank0_leaves_beside_the_checkpoints(server, backend, tmp_path):
+    """Progress, ETA and what the last restart cost come from the workers' progress.json (not a
+    log regex); a finished stage's eval.json shows as the job's evaluation."""
+    backend.submit(*compiled(TRAINING.replace("s3://ckpt/runs", f"file://{tmp_path}/ckpt")))
+    server.set_status(kd.KUBEFLOW, NS, "pytorchjobs", "exp-train", kd.pytorchjob_status("exp-train", "Running"))
+    server.add_pod(NS, "exp-train", "master", 0, logs=["step 1/1000 loss 9.0 lr 1e-3 5.0 samples/s"])
+    stage_dir = tmp_path / "ckpt" / "exp" / "train"
+    stage_dir.mkdir(parents=True)
+    (stage_dir / "progress.json").write_text(json.dumps(
+        {"step": 420, "total_steps": 1000, "loss": 0.75, "samples_per_s": 80.0, "eta_s": 1234.5, "committed_step": 400,
+         "restarts": 1, "restart_to_first_step_s": 41.5, "lost_steps": 17}))
+    (stage,) = backend.status("exp").stages
+    assert (stage.step, stage.loss, stage.samples_per_s, stage.eta_s) == (420, 0.75, 80.0, 1234.5)
+    assert (stage.restart_to_first_step_s, stage.lost_steps) == (41.5, 17)
+    (stage_dir / "eval.json").write_text(json.dumps({"accuracy": 0.5}))
+    assert backend.status("exp").eval == {}  # still running
+    server.set_status(kd.KUBEFLOW, NS, "pytorchjobs", "exp-train", kd.pytorchjob_status("exp-train", "Succeeded"))
+    status = backend.status("exp")
+    assert status.eval == {"accuracy": 0.5} and status.stages[0].eta_s is None
+    (stage_dir / "progress.json").write_text("{torn")  # unreadable: back to the rank-0 log
+    server.set_status(kd.KUBEFLOW, NS, "pytorchjobs", "exp-train", kd.pytorchjob_status("exp-train", "Running"))
+    assert backend.status("exp").stages[0].step == 1

@@ -96,6 +96,9 @@ def test_sigkill_mid_run_resumes_bit_identical(tmp_path):
     resumed_step = next(r["resumed_step"] for r in records if r["attempt"] == 1)
     assert resumed_step % 5 == 0 and reached - resumed_step - 1 <= stage.lost_steps <= reached - resumed_step
     assert 0 < stage.restart_to_first_step_s < 120
+    progress = json.loads((tmp_path / "ckpt" / "killed" / "train" / "progress.json").read_text())
+    assert (progress["step"], progress["total_steps"], progress["committed_step"]) == (30, 30, 25)  # before the last save
+    assert progress["lost_steps"] == stage.lost_steps and progress["restarts"] == counters.resumes
     shown = io.StringIO()
     print_status(backend.status("killed"), Console(file=shown, width=200))
     assert f"train: last restart: first step {stage.restart_to_first_step_s:.1f} s after the worker started, " \

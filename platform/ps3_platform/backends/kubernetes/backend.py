@@ -41,7 +41,7 @@ from ps3_platform.spec import (
     parse_pools,
     stages_of,
 )
-from ps3_platform.spec.models import CURATION_RECORD
+from ps3_platform.spec.models import CURATION_RECORD, EVAL_RECORD, PROGRESS_RECORD
 
 from ..base import Backend, BackendError, JobNotFoundError, JobStatus, StageStatus, SubmitResult
 from . import status as st
@@ -216,7 +216,9 @@ class KubernetesBackend(Backend):
         conditions = ((main or {}).get("status") or {}).get("conditions") or []
         uri = stages_of(spec)[0].checkpoint.uri if spec else None
         curation = self._curation(name, spec, stages) if progress else {}
+        evaluation = self._evaluation(name, spec, stages) if progress else {}
         return JobStatus(name=name, kind=kind, backend=self.name, phase=phase, stages=stages, curation=curation,
+                         eval=evaluation,
                          conditions=[dict(c) for c in conditions],
                          checkpoints=f"{uri.rstrip('/')}/{name}" if uri else None,
                          created=st.parse_time(((main or cm or {}).get("metadata") or {}).get("creationTimestamp")),
@@ -229,11 +231,32 @@ class KubernetesBackend(Backend):
         for stage_name in list(stage_specs) or sorted(objs):
             stage_spec, obj = stage_specs.get(stage_name), objs.get(stage_name)
             running = st.pytorchjob_phase(obj)[0] in ("Running", "Restarting")
+            record = self._record(spec, stage_spec, PROGRESS_RECORD) if progress and obj is not None else None
+            found = st.progress_from_record(record) if record else None
+            if found is None and progress and running:
+                found = self._progress(obj)  # no record readable from here: the rank-0 log's last line
             out.append(st.stage_status(
-                stage_name, obj, progress=self._progress(obj) if progress and running else None,
+                stage_name, obj, progress=found, record=record,
                 total_steps=stage_spec.train.total_steps if stage_spec else None,
                 global_batch=stage_spec.train.global_batch if stage_spec else None))
         return out
+
+    @staticmethod
+    def _record(spec: JobSpec | None, stage, name: str) -> dict | None:
+        """A record the stage's workers left beside its checkpoints, if this machine can read it."""
+        if spec is None or stage is None or not stage.checkpoint.uri:
+            return None
+        return st.read_record(f"{stage.checkpoint.uri.rstrip('/')}/{spec.metadata.name}/{stage.name}/{name}")
+
+    def _evaluation(self, name: str, spec: JobSpec | None, stages: list[StageStatus]) -> dict:
+        """Results of finished stages that evaluated, from beside their checkpoints (as local runs
+        read them from their run directories)."""
+        done = {s.name for s in stages if s.phase == "Succeeded"}
+        evaluation: dict = {}
+        for stage in stages_of(spec) if spec else []:
+            if stage.name in done:
+                evaluation.update(self._record(spec, stage, EVAL_RECORD) or {})
+        return evaluation
 
     @staticmethod
     def _curation(name: str, spec: JobSpec | None, stages: list[StageStatus]) -> dict:

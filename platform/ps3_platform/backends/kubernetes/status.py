@@ -28,6 +28,7 @@ PYTORCHJOB_PHASES = ("Created", "Running", "Restarting", "Succeeded", "Failed", 
 WORKFLOW_PHASES = {"": "Pending", "Pending": "Pending", "Running": "Running", "Succeeded": "Succeeded",
                    "Failed": "Failed", "Error": "Failed"}
 _PROGRESS = re.compile(r"step (\d+)/(\d+) loss (\S+) lr \S+ ([0-9.]+) samples/s")
+RECORD_TIMEOUT_S = 5.0  # seconds per request for a record beside the checkpoints
 _IMAGES = re.compile(r"(\d+)/(\d+) images ([0-9.]+) images/s")
 
 
@@ -85,8 +86,21 @@ def eta_seconds(progress: dict, global_batch: int | None) -> float | None:
     return max(0.0, (progress["total_steps"] - progress["step"]) / steps_per_s)
 
 
+def progress_from_record(record: dict) -> dict | None:
+    """The progress fields of a stage's `progress.json` (what rank 0 writes at each log interval)."""
+    try:
+        return {"step": int(record["step"]), "total_steps": int(record["total_steps"]),
+                "loss": record.get("loss"), "samples_per_s": record.get("samples_per_s"),
+                "eta_s": record.get("eta_s")}
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def stage_status(name: str, obj: dict | None, *, total_steps: int | None = None,
-                 progress: dict | None = None, global_batch: int | None = None) -> StageStatus:
+                 progress: dict | None = None, record: dict | None = None,
+                 global_batch: int | None = None) -> StageStatus:
+    """A stage from its PyTorchJob, its progress (the workers' record, or the rank-0 log's last
+    progress line) and, from the record, what its last restart cost."""
     phase, message = pytorchjob_phase(obj)
     status = StageStatus(name=name, phase=phase, total_steps=total_steps, workers=active_workers(obj), message=message)
     if progress:
@@ -95,7 +109,11 @@ def stage_status(name: str, obj: dict | None, *, total_steps: int | None = None,
         status.loss = progress["loss"]
         status.samples_per_s = progress["samples_per_s"]
         status.unit = progress.get("unit", "steps")
-        status.eta_s = eta_seconds(progress, global_batch)
+        if phase in ("Running", "Restarting"):
+            status.eta_s = progress.get("eta_s", eta_seconds(progress, global_batch))
+    if record:
+        status.restart_to_first_step_s = record.get("restart_to_first_step_s")
+        status.lost_steps = record.get("lost_steps")
     return status
 
 
@@ -140,8 +158,10 @@ def read_record(uri: str) -> dict | None:
     from here (no credentials, not written yet): status must not fail on a nicety."""
     import fsspec
 
-    try:
-        with fsspec.open(uri, "r") as f:
+    from ps3_platform.runtime.storage import storage_options
+
+    try:  # a few seconds at most: status must answer even when the store does not
+        with fsspec.open(uri, "r", **storage_options(uri, request_timeout_s=RECORD_TIMEOUT_S)) as f:
             record = json.load(f)
     except Exception as exc:  # noqa: BLE001 - any store error (botocore, OSError, JSON) means "not available"
         log.debug("no record at %s: %s", uri, exc)
