@@ -61,6 +61,8 @@ def progress_line(status: JobStatus) -> str:
             parts.append(f"{stage.name} step {stage.step}/{stage.total_steps} loss {_fmt(stage.loss, '.4f')} "
                          f"{_fmt(stage.samples_per_s, '.1f')} samples/s ETA {_eta(stage.eta_s)}"
                          + (f" ({bad} bad samples skipped)" if bad else ""))
+        elif stage.message.startswith("waiting:"):
+            parts.append(f"{stage.name} {stage.phase}, {stage.message}")
         else:
             parts.append(f"{stage.name} {stage.phase}")
         if stage.storage:
@@ -83,7 +85,7 @@ def print_status(status: JobStatus, console: Console | None = None) -> None:
                       str(s.restarts))
     console.print(table)
     for s in status.stages:
-        if s.phase == "Running" and s.message.startswith("stalled"):
+        if s.phase == "Running" and s.message.startswith("stalled") or s.message.startswith("waiting:"):
             console.print(f"{s.name}: {s.message}", soft_wrap=True)
         if s.storage:
             console.print(f"{s.name}: {s.storage}", soft_wrap=True)

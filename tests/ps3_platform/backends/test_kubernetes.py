@@ -367,7 +367,7 @@ def test_status_from_pytorchjob_conditions(server, backend, phase, workers):
     assert status.created == 1795503600.0  # 2026-11-24T07:00:00Z
     assert status.finished == (1795507200.0 if phase in ("Succeeded", "Failed") else None)
     expected = [("GET", f"{CM}/exp-spec", {}, None), ("GET", KF, {"labelSelector": "ps3.platform/job=exp"}, None)]
-    if phase in ("Running", "Restarting"):  # progress: the rank-0 pod's log tail
+    if phase in ("Created", "Running", "Restarting"):  # why pods wait; progress: the rank-0 pod's log tail
         expected.append(("GET", PODS, {"labelSelector": "training.kubeflow.org/job-name=exp-train"}, None))
     assert calls(server) == expected
     json.dumps(status.to_dict())
@@ -707,3 +707,22 @@ def test_status_reads_the_record_rank0_leaves_beside_the_checkpoints(server, bac
     (stage_dir / "progress.json").write_text("{torn")  # unreadable: back to the rank-0 log
     server.set_status(kd.KUBEFLOW, NS, "pytorchjobs", "exp-train", kd.pytorchjob_status("exp-train", "Running"))
     assert backend.status("exp").stages[0].step == 1
+
+
+def test_waiting_pods_say_why(server, backend):
+    backend.submit(*compiled(TRAINING))
+    server.set_status(kd.KUBEFLOW, NS, "pytorchjobs", "exp-train", kd.pytorchjob_status("exp-train", "Created"))
+    master = server.add_pod(NS, "exp-train", "master", 0, phase="Pending")
+    master["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                       "message": "0/8 nodes are available: 8 Insufficient nvidia.com/gpu."}]
+    server.put(kd.CORE, NS, "pods", master)
+    worker = server.add_pod(NS, "exp-train", "worker", 0, phase="Pending")
+    worker["status"]["containerStatuses"] = [{"name": "pytorch", "state": {"waiting": {
+        "reason": "ImagePullBackOff", "message": "Back-off pulling image \"ghcr.io/ps3-platform/ps3-platform:0.1.0\""}}}]
+    server.put(kd.CORE, NS, "pods", worker)
+    (stage,) = backend.status("exp").stages
+    assert stage.message == ("waiting: exp-train-master-0 unschedulable: 0/8 nodes are available: 8 Insufficient "
+                             "nvidia.com/gpu. (+1 more)")
+    del server.collection(kd.CORE, NS, "pods")["exp-train-master-0"]
+    assert backend.status("exp").stages[0].message.startswith(
+        "waiting: exp-train-worker-0 image pull (ImagePullBackOff): Back-off pulling image")

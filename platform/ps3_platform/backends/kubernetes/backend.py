@@ -230,16 +230,27 @@ class KubernetesBackend(Backend):
         out = []
         for stage_name in list(stage_specs) or sorted(objs):
             stage_spec, obj = stage_specs.get(stage_name), objs.get(stage_name)
-            running = st.pytorchjob_phase(obj)[0] in ("Running", "Restarting")
+            phase = st.pytorchjob_phase(obj)[0]
             record = self._record(spec, stage_spec, PROGRESS_RECORD) if progress and obj is not None else None
             found = st.progress_from_record(record) if record else None
-            if found is None and progress and running:
-                found = self._progress(obj)  # no record readable from here: the rank-0 log's last line
-            out.append(st.stage_status(
+            pods = self._pods(obj) if progress and obj is not None and (
+                phase in ("Created", "Restarting") or phase == "Running" and found is None) else []
+            if found is None and phase in ("Running", "Restarting"):
+                found = self._progress(pods)  # no record readable from here: the rank-0 log's last line
+            status = st.stage_status(
                 stage_name, obj, progress=found, record=record,
                 total_steps=stage_spec.train.total_steps if stage_spec else None,
-                global_batch=stage_spec.train.global_batch if stage_spec else None))
+                global_batch=stage_spec.train.global_batch if stage_spec else None)
+            status.message = st.why_waiting(pods) or status.message  # unschedulable, image pull
+            out.append(status)
         return out
+
+    def _pods(self, obj: dict) -> list[dict]:
+        """The stage's pods; none when this user may not list them (status must still answer)."""
+        try:
+            return self.kube.list(POD, self.namespace, f"{OPERATOR_JOB_NAME_LABEL}={obj['metadata']['name']}")
+        except BackendError:
+            return []
 
     @staticmethod
     def _record(spec: JobSpec | None, stage, name: str) -> dict | None:
@@ -271,12 +282,9 @@ class KubernetesBackend(Backend):
                     out[stage.name] = record
         return out
 
-    def _progress(self, obj: dict | None) -> dict | None:
+    def _progress(self, pods: list[dict]) -> dict | None:
         """Last progress line of the pod running rank 0 (any pod, for elastic stages)."""
-        if obj is None:
-            return None
         try:
-            pods = self.kube.list(POD, self.namespace, f"{OPERATOR_JOB_NAME_LABEL}={obj['metadata']['name']}")
             for _, pod in st.ranked_pods(pods)[:4]:
                 if (pod.get("status") or {}).get("phase") != "Running":
                     continue
@@ -285,7 +293,7 @@ class KubernetesBackend(Backend):
                 if found:
                     return found
         except BackendError:
-            return None  # progress is a nicety: no pods/log permission must not break status
+            return None  # progress is a nicety: no log permission must not break status
         return None
 
     def _list(self) -> list[JobStatus]:

@@ -167,3 +167,36 @@ def read_record(uri: str) -> dict | None:
         log.debug("no record at %s: %s", uri, exc)
         return None
     return record if isinstance(record, dict) else None
+
+
+#: Container states that keep a pod from starting, and what a user should look at.
+_WAITING_REASONS = {"ErrImagePull": "image pull", "ImagePullBackOff": "image pull",
+                    "InvalidImageName": "image pull", "CreateContainerConfigError": "container config",
+                    "CreateContainerError": "container config"}
+
+
+def why_waiting(pods: list[dict]) -> str:
+    """Why a stage's pods are not running yet, from their status (scheduler and kubelet say
+    it there): "" when none is held up."""
+    reasons = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        if status.get("phase") != "Pending":
+            continue
+        name = pod["metadata"]["name"]
+        for condition in status.get("conditions") or []:
+            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+                reasons.append(f"{name} unschedulable: {_one_line(condition.get('message') or condition.get('reason'))}")
+        for container in status.get("containerStatuses") or []:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in _WAITING_REASONS:
+                reasons.append(f"{name} {_WAITING_REASONS[waiting['reason']]} ({waiting['reason']}): "
+                               f"{_one_line(waiting.get('message') or '')}")
+    if not reasons:
+        return ""
+    more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
+    return f"waiting: {reasons[0]}{more}"
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join(str(text or "").split())[:300]
