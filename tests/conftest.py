@@ -1,4 +1,4 @@
-"""Fixtures shared by the whole suite: a real S3 server, an isolated platform home."""
+"""Fixtures shared by the whole suite: a real S3 server, an isolated platform home, a tiny VILA-HD."""
 
 from __future__ import annotations
 
@@ -26,6 +26,27 @@ def s3_server(tmp_path_factory):
         else:
             os.environ[key] = value
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_vila_hd(tmp_path_factory):
+    """(model, tokenizer, LLM directory): the tiny PS3 encoder and a random 2-layer Qwen2 whose
+    tokenizer knows the synthetic questions' words, built once (tests must not train it)."""
+    import torch
+
+    from ps3.model import PS3VisionEncoder, get_preset
+    from ps3.vila_hd.llm import build_tiny_llm, load_llm
+    from ps3.vila_hd.model import VilaHD
+    from ps3.vila_hd.synth import vocabulary_texts
+
+    directory = tmp_path_factory.mktemp("tiny-llm")
+    build_tiny_llm(str(directory), vocabulary_texts())
+    llm = load_llm(str(directory))
+    torch.manual_seed(0)
+    newline = llm.tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
+    model = VilaHD(PS3VisionEncoder(get_preset("ps3-tiny")), llm.model, image_token_id=llm.image_token_id,
+                   newline_token_id=newline)
+    return model.eval(), llm.tokenizer, directory
 
 
 @pytest.fixture(autouse=True)

@@ -6,15 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from ps3.data.synth import SynthConfig
-from ps3.model import PS3VisionEncoder, get_preset
 from ps3.vila_hd.export import export_vila_hd
-from ps3.vila_hd.llm import build_tiny_llm, load_llm
-from ps3.vila_hd.model import VilaHD
-from ps3.vila_hd.synth import BENCHMARK_FILE, vocabulary_texts, vqa_sample, write_benchmark
+from ps3.vila_hd.synth import BENCHMARK_FILE, vqa_sample, write_benchmark
 from ps3_platform.cli import main
 
 SPEC = """
@@ -40,16 +36,10 @@ spec:
 
 
 @pytest.fixture(scope="module")
-def benchmark_root(tmp_path_factory):
+def benchmark_root(tmp_path_factory, tiny_vila_hd):
     root = tmp_path_factory.mktemp("eval")
-    directory = root / "llm"
-    build_tiny_llm(str(directory), vocabulary_texts())
-    llm = load_llm(str(directory))
-    torch.manual_seed(0)
-    newline = llm.tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
-    model = VilaHD(PS3VisionEncoder(get_preset("ps3-tiny")), llm.model, image_token_id=llm.image_token_id,
-                   newline_token_id=newline)
-    export_vila_hd(model, llm.tokenizer, str(root / "vila-hd"))
+    model, tokenizer, _ = tiny_vila_hd
+    export_vila_hd(model, tokenizer, str(root / "vila-hd"))
     cfg = SynthConfig(scene_size=(300, 400))
     write_benchmark(f"file://{root}/data", 5, cfg=cfg, question="mark")
     with open(root / "data" / BENCHMARK_FILE, "a") as questions:  # lines 6-8: not scorable

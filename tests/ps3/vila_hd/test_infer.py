@@ -11,12 +11,10 @@ import torch
 from PIL import Image
 
 from ps3.data.synth import SynthConfig
-from ps3.model import PS3VisionEncoder, get_preset
 from ps3.vila_hd.export import export_vila_hd
 from ps3.vila_hd.infer import Answer, answer_batch, choose_options, draw_selection, prompt_batch
-from ps3.vila_hd.llm import build_tiny_llm, load_llm
-from ps3.vila_hd.model import Selection, VilaHD
-from ps3.vila_hd.synth import vocabulary_texts, vqa_sample
+from ps3.vila_hd.model import Selection
+from ps3.vila_hd.synth import vqa_sample
 from ps3_platform.cli import main
 
 QUESTIONS = ["What colour is the dot on the red sign?\n(A) black\n(B) white\n(C) magenta\n(D) cyan",
@@ -24,16 +22,10 @@ QUESTIONS = ["What colour is the dot on the red sign?\n(A) black\n(B) white\n(C)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("llm")
-    build_tiny_llm(str(directory), vocabulary_texts())
-    llm = load_llm(str(directory))
-    torch.manual_seed(0)
-    newline = llm.tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
-    model = VilaHD(PS3VisionEncoder(get_preset("ps3-tiny")), llm.model, image_token_id=llm.image_token_id,
-                   newline_token_id=newline)
+def tiny(tiny_vila_hd):
+    model, tokenizer, _ = tiny_vila_hd
     images = [vqa_sample(0, i, SynthConfig(scene_size=(300, 400)), question="mark")[2][0][1] for i in range(2)]
-    return model.eval(), llm.tokenizer, images
+    return model, tokenizer, images
 
 
 @pytest.mark.parametrize("mode", ["after_prompt", "after_image"])
