@@ -114,7 +114,7 @@ def test_a_good_install_passes(chart_engine, all_on, serve):
                      AWS_SECRET_ACCESS_KEY="s")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ok   pools: a100, cpu, h100" in proc.stdout
-    assert "ok   platformctl Role allows all 15 verbs" in proc.stdout
+    assert "ok   platformctl Role allows all 16 verbs" in proc.stdout
     assert {"verb": "get", "resource": "pods", "subresource": "log", "namespace": NAMESPACE} in \
         [{k: v for k, v in r.items() if v} for r in double.reviews]
 

@@ -49,6 +49,8 @@ def used_access(tmp_path_factory) -> set[tuple[str, str, str]]:
         backend.submit(*_compiled(kd.TRAINING_SPEC))
         backend.submit(*_compiled(kd.TRAINING_SPEC))  # unchanged: reads only
         backend.submit(*_compiled(kd.TRAINING_SPEC, ["spec.train.steps=5"]), replace=True)
+        server.set_status(kd.KUBEFLOW, NS, "pytorchjobs", "exp-train", kd.pytorchjob_status("exp-train", "Created"))
+        backend.status("exp")  # no pods yet: why not (events)
         server.set_status(kd.KUBEFLOW, NS, "pytorchjobs", "exp-train", kd.pytorchjob_status("exp-train", "Running"))
         server.add_pod(NS, "exp-train", "master", 0, logs=["step 3/5 loss 1.0"])
         backend.status("exp")

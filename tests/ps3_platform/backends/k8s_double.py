@@ -32,9 +32,9 @@ ARGO = "/apis/argoproj.io/v1alpha1"
 _PATH = re.compile(r"^(?P<gv>/api/v1|/apis/[^/]+/[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
                    r"(?:/(?P<name>[^/]+)(?:/(?P<sub>log|status))?)?$")
 _KINDS = {"configmaps": "ConfigMap", "pods": "Pod", "networkpolicies": "NetworkPolicy", "pytorchjobs": "PyTorchJob",
-          "workflows": "Workflow"}
+          "workflows": "Workflow", "events": "Event"}
 _GROUPS = {"configmaps": "", "pods": "", "networkpolicies": "networking.k8s.io", "pytorchjobs": "kubeflow.org",
-           "workflows": "argoproj.io"}
+           "workflows": "argoproj.io", "events": ""}
 T0 = "2026-11-24T07:00:00Z"
 
 #: The two jobs the backend tests submit to the double (a 2-node TrainingJob and a 2-stage Pipeline).
@@ -93,6 +93,18 @@ def status_body(code: int, reason: str, message: str, details: dict | None = Non
 def _resource(plural: str) -> str:
     group = _GROUPS.get(plural, "")
     return f"{plural}.{group}" if group else plural
+
+
+def _fields_match(obj: dict, fields: str) -> bool:
+    """The API server's field selectors, as far as the backend uses them (`a.b=value`, ANDed)."""
+    for term in filter(None, fields.split(",")):
+        path, _, value = term.partition("=")
+        target = obj
+        for part in path.split("."):
+            target = target.get(part, {}) if isinstance(target, dict) else {}
+        if target != value:
+            return False
+    return True
 
 
 def _matches(labels: dict, selector: str) -> bool:
@@ -213,6 +225,14 @@ class ApiServerDouble:
             self.pod_logs[(ns, name)] = logs
         return self.put(CORE, ns, "pods", pod)
 
+    def add_event(self, ns: str, involved: dict, reason: str, message: str, *, type: str = "Warning") -> dict:
+        """An event about `involved` (an object of this double), as a controller records it."""
+        meta = involved["metadata"]
+        event = {"apiVersion": "v1", "kind": "Event", "metadata": {"name": f"{meta['name']}.{len(self.requests):x}"},
+                 "involvedObject": {"kind": involved.get("kind"), "name": meta["name"], "namespace": ns},
+                 "type": type, "reason": reason, "message": message, "lastTimestamp": T0}
+        return self.put(CORE, ns, "events", event)
+
     def clear_requests(self) -> None:
         with self._lock:
             self.requests.clear()
@@ -270,8 +290,9 @@ class ApiServerDouble:
 
     def _list(self, gv, ns, plural, name, req):
         selector = req.query.get("labelSelector", "")
+        fields = req.query.get("fieldSelector", "")
         items = [o for _, o in sorted(self.collection(gv, ns, plural).items())
-                 if _matches(o["metadata"].get("labels", {}), selector)]
+                 if _matches(o["metadata"].get("labels", {}), selector) and _fields_match(o, fields)]
         api_version = gv.removeprefix("/apis/").removeprefix("/api/")
         return 200, {"apiVersion": api_version, "kind": f"{_KINDS[plural]}List",
                      "metadata": {"resourceVersion": str(self._rv)}, "items": items}, "application/json"

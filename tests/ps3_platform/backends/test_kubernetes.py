@@ -369,6 +369,9 @@ def test_status_from_pytorchjob_conditions(server, backend, phase, workers):
     expected = [("GET", f"{CM}/exp-spec", {}, None), ("GET", KF, {"labelSelector": "ps3.platform/job=exp"}, None)]
     if phase in ("Created", "Running", "Restarting"):  # why pods wait; progress: the rank-0 pod's log tail
         expected.append(("GET", PODS, {"labelSelector": "training.kubeflow.org/job-name=exp-train"}, None))
+    if phase == "Created":  # no pods yet: the operator's events on the job say why
+        expected.append(("GET", f"/api/v1/namespaces/{NS}/events", {"fieldSelector": "involvedObject.name=exp-train"},
+                         None))
     assert calls(server) == expected
     json.dumps(status.to_dict())
 
@@ -726,3 +729,18 @@ def test_waiting_pods_say_why(server, backend):
     del server.collection(kd.CORE, NS, "pods")["exp-train-master-0"]
     assert backend.status("exp").stages[0].message.startswith(
         "waiting: exp-train-worker-0 image pull (ImagePullBackOff): Back-off pulling image")
+
+
+def test_pods_the_operator_cannot_create_say_why(server, backend):
+    backend.submit(*compiled(TRAINING))
+    server.set_status(kd.KUBEFLOW, NS, "pytorchjobs", "exp-train", kd.pytorchjob_status("exp-train", "Created"))
+    assert not backend.status("exp").stages[0].message.startswith("waiting")  # no pods, no events yet
+    job = server.get(kd.KUBEFLOW, NS, "pytorchjobs", "exp-train")
+    server.add_event(NS, job, "SuccessfulCreateService", "Created service: exp-train-master-0", type="Normal")
+    server.add_event(NS, job, "FailedCreatePod", 'Error creating: pods "exp-train-master-0" is forbidden: exceeded '
+                     "quota: gpu-quota, requested: requests.nvidia.com/gpu=8, used: 8, limited: 8")
+    (stage,) = backend.status("exp").stages
+    assert stage.message == ('waiting: quota: Error creating: pods "exp-train-master-0" is forbidden: exceeded quota: '
+                             "gpu-quota, requested: requests.nvidia.com/gpu=8, used: 8, limited: 8")
+    assert ("GET", f"/api/v1/namespaces/{NS}/events", {"fieldSelector": "involvedObject.name=exp-train"}, None) \
+        in calls(server)

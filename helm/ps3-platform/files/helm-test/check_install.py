@@ -21,6 +21,7 @@ PLATFORMCTL_ACCESS = [
     *[(v, "", "configmaps", "") for v in ("create", "get", "list", "patch", "delete")],
     ("list", "", "pods", ""),
     ("get", "", "pods", "log"),
+    ("list", "", "events", ""),
 ]
 ARGO_ACCESS = [(v, "argoproj.io", "workflows", "") for v in ("create", "get", "list", "delete")]
 NETWORK_POLICY_ACCESS = [(v, "networking.k8s.io", "networkpolicies", "") for v in ("create", "get", "patch", "delete")]

@@ -52,6 +52,8 @@ WORKFLOW = Resource(
     "Argo Workflow CRD not installed in cluster: Pipelines need Argo Workflows (install it, or enable it in the "
     "ps3-platform chart), or submit each stage as a TrainingJob")
 
+EVENT = Resource("Event", "events", typed="event")
+
 #: Only for error messages: RBAC names logs as the `pods/log` subresource.
 POD_LOG = Resource("Pod", "pods/log", typed="pod")
 
@@ -150,9 +152,12 @@ class Kube:
         except JobNotFoundError:
             return None
 
-    def list(self, res: Resource, ns: str, selector: str, *, missing_api_ok: bool = False) -> list[dict]:
+    def list(self, res: Resource, ns: str, selector: str, *, fields: str = "",
+             missing_api_ok: bool = False) -> list[dict]:
+        """Objects matching the label `selector` (and the field selector `fields`, if given)."""
+        extra = {"field_selector": fields} if fields else {}
         try:
-            return self._json("list", res, None, ns, label_selector=selector).get("items", [])
+            return self._json("list", res, None, ns, label_selector=selector, **extra).get("items", [])
         except ApiMissing:
             if missing_api_ok:
                 return []

@@ -45,7 +45,7 @@ from ps3_platform.spec.models import CURATION_RECORD, EVAL_RECORD, PROGRESS_RECO
 
 from ..base import Backend, BackendError, JobNotFoundError, JobStatus, StageStatus, SubmitResult
 from . import status as st
-from .api import CONFIGMAP, NETWORKPOLICY, POD, PYTORCHJOB, WORKFLOW, Conflict, Kube, Resource
+from .api import CONFIGMAP, EVENT, NETWORKPOLICY, POD, PYTORCHJOB, WORKFLOW, Conflict, Kube, Resource
 from .config import connect
 from .logs import follow_streams, prefixed
 
@@ -241,9 +241,19 @@ class KubernetesBackend(Backend):
                 stage_name, obj, progress=found, record=record,
                 total_steps=stage_spec.train.total_steps if stage_spec else None,
                 global_batch=stage_spec.train.global_batch if stage_spec else None)
-            status.message = st.why_waiting(pods) or status.message  # unschedulable, image pull
+            waiting = st.why_waiting(pods)  # unschedulable, image pull
+            if not waiting and progress and phase == "Created" and not any(_running(p) for p in pods):
+                waiting = st.why_not_created(self._events(obj))  # no pods at all: quota, admission
+            status.message = waiting or status.message
             out.append(status)
         return out
+
+    def _events(self, obj: dict) -> list[dict]:
+        """Events about the stage's PyTorchJob (where the operator reports failed pod creation)."""
+        try:
+            return self.kube.list(EVENT, self.namespace, "", fields=f"involvedObject.name={obj['metadata']['name']}")
+        except BackendError:
+            return []
 
     def _pods(self, obj: dict) -> list[dict]:
         """The stage's pods; none when this user may not list them (status must still answer)."""
@@ -368,3 +378,6 @@ class KubernetesBackend(Backend):
         what = ", ".join(f"{res.kind} {obj_name}" for res, obj_name in deleted)
         return f"job {name!r} cancelled in namespace {self.namespace!r}: deleted {what}"
 
+
+def _running(pod: dict) -> bool:
+    return (pod.get("status") or {}).get("phase") == "Running"

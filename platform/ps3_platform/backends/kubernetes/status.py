@@ -200,3 +200,16 @@ def why_waiting(pods: list[dict]) -> str:
 
 def _one_line(text: str | None) -> str:
     return " ".join(str(text or "").split())[:300]
+
+
+def why_not_created(events: list[dict]) -> str:
+    """Why the operator could not create a stage's pods (a ResourceQuota, an admission webhook),
+    from the Warning events on its PyTorchJob: "" when there is none."""
+    warnings = sorted((e for e in events if e.get("type") == "Warning" and "create" in
+                       f"{e.get('reason', '')} {e.get('message', '')}".lower()),
+                      key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+    if not warnings:
+        return ""
+    message = _one_line(warnings[-1].get("message"))
+    kind = "quota" if "exceeded quota" in message else "cannot create pods"
+    return f"waiting: {kind}: {message}"
