@@ -10,6 +10,7 @@ is exact, and a ``preprocessor_config.json`` like the released one).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ps3.model.checkpoint_io import (
@@ -22,7 +23,7 @@ from ps3.model.checkpoint_io import (
 )
 from ps3.model.errors import CheckpointError
 from ps3.model.model import PS3Model
-from ps3.model.presets import PS3Preset, scale_budgets
+from ps3.model.presets import PresetError, PS3Preset, scale_budgets
 
 __all__ = ["load_ps3_checkpoint", "export_ps3_checkpoint", "preset_from_ps3_config", "ps3_config_from_preset"]
 
@@ -31,22 +32,46 @@ _TRUNKS = {
     "vit_so400m_patch14_siglip_384": dict(patch_size=14, width=1152, depth=27, heads=16, mlp_dim=4304),
     "vit_so400m_patch14_siglip_378": dict(patch_size=14, width=1152, depth=27, heads=16, mlp_dim=4304),
 }
+# timm's ViT sizes (vision_transformer.py model defs): width, depth, heads, MLP width.
+_TIMM_VIT_SIZES = {
+    "tiny": (192, 12, 3, 768), "small": (384, 12, 6, 1536), "medium": (512, 12, 8, 2048),
+    "base": (768, 12, 12, 3072), "large": (1024, 24, 16, 4096), "huge": (1280, 32, 16, 5120),
+    "giant": (1408, 40, 16, 6144), "gigantic": (1664, 48, 16, 8192), "so400m": (1152, 27, 16, 4304),
+    "giantopt": (1536, 40, 16, 6144),
+}
+_TIMM_VIT = re.compile(r"vit_(?P<size>[a-z0-9]+)_patch(?P<patch>\d+)(_\w+)?")
+# Hugging Face ViT config fields -> ours, for trunks a config spells out.
+_HF_TRUNK_FIELDS = {"patch_size": "patch_size", "hidden_size": "width", "num_hidden_layers": "depth",
+                    "num_attention_heads": "heads", "intermediate_size": "mlp_dim"}
 _SEL_DEFAULTS = dict(hidden_dim=512, out_dim=512, depth=3, kernel_size=28)
 _PRESET_KEY = "ps3_platform_preset"
 _SCALARS = ("logit_scale", "logit_bias")
 
 
 def _trunk_fields(v: dict[str, Any], source: str) -> dict[str, Any]:
-    """Trunk shape from the timm model name, or from our explicit fields on exported custom trunks."""
+    """Trunk shape from our explicit fields (exports of custom trunks), the released timm names,
+    any timm ViT name (size + patch: what the released loader hands `timm.create_model`), or
+    else the config's own HF-style fields, in that order."""
     name = v.get("model_name")
-    if name in _TRUNKS:
-        return dict(_TRUNKS[name])
     # Our exports of custom trunks carry them under their own key: the released config
     # class owns ``patch_size`` (always 14) and would overwrite a top-level one.
     explicit = v.get("trunk_config")
     if isinstance(explicit, dict) and set(explicit) == {"patch_size", "width", "depth", "heads", "mlp_dim"}:
         return dict(explicit)
-    raise CheckpointError(f"{source}: vision trunk {name!r} is not supported (known: {', '.join(_TRUNKS)})")
+    if name in _TRUNKS:
+        return dict(_TRUNKS[name])
+    parsed = _TIMM_VIT.fullmatch(str(name))
+    if parsed is None or parsed["size"] not in _TIMM_VIT_SIZES:
+        if all(isinstance(v.get(k), int) for k in _HF_TRUNK_FIELDS):
+            return {ours: v[hf] for hf, ours in _HF_TRUNK_FIELDS.items()}
+        raise CheckpointError(f"{source}: vision trunk {name!r} is not a timm ViT named by size and patch "
+                              f"(vit_<{'|'.join(_TIMM_VIT_SIZES)}>_patch<N>_...), and its config does not give "
+                              f"{', '.join(_HF_TRUNK_FIELDS)}")
+    width, depth, heads, mlp_dim = _TIMM_VIT_SIZES[parsed["size"]]
+    if v.get("hidden_size", width) != width:
+        raise CheckpointError(f"{source}: hidden_size {v['hidden_size']} disagrees with the {width} wide trunk "
+                              f"{name!r} names")
+    return dict(patch_size=int(parsed["patch"]), width=width, depth=depth, heads=heads, mlp_dim=mlp_dim)
 
 
 def _text_fields(t: dict[str, Any], source: str) -> dict[str, Any]:
@@ -79,6 +104,13 @@ def preset_from_ps3_config(cfg: dict[str, Any], source: str = "config.json") -> 
     if explicit is not None and tuple(explicit) != scale_budgets(scales, v["max_select_num"]):
         raise CheckpointError(f"{source}: custom max_select_num_each_scale {explicit} is not supported (budgets are derived)")
     sel = {k: v.get(f"highres_selection_module_{k}", d) for k, d in _SEL_DEFAULTS.items()}
+    try:
+        return _released_preset(cfg, v, scales, sel, source)
+    except PresetError as exc:  # fields that do not fit together (scales vs patch, layers vs depth)
+        raise CheckpointError(f"{source}: {exc}") from None
+
+
+def _released_preset(cfg: dict[str, Any], v: dict[str, Any], scales: tuple, sel: dict, source: str) -> PS3Preset:
     return PS3Preset(
         name=cfg.get("_name_or_path") or "ps3-checkpoint", scales=scales, select_layers=tuple(v["select_based_on_layer"]),
         max_select_num=v.get("max_select_num", 1280),  # PS3VisionConfig's default

@@ -192,11 +192,39 @@ def test_other_architectures_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="is a 'ps3' checkpoint; load_siglip_hf expects"):
         load_siglip_hf(PS3Model("ps3-tiny", **TANH), str(tmp_path / "ps3"))
     radio = json.loads(json.dumps(RELEASED_4K))
-    radio["vision_config"]["model_name"] = "vit_large_patch16_224"
-    with pytest.raises(CheckpointError, match="vision trunk 'vit_large_patch16_224' is not supported"):
+    radio["vision_config"]["model_name"] = "radio_v2.5-h"
+    with pytest.raises(CheckpointError, match="vision trunk 'radio_v2.5-h' is not a timm ViT named by size and patch"):
+        preset_from_ps3_config(radio)
+    radio["vision_config"]["model_name"] = "vit_large_patch16_224"  # 1024 wide, the config says 1152
+    with pytest.raises(CheckpointError, match="hidden_size 1152 disagrees with the 1024 wide trunk"):
+        preset_from_ps3_config(radio)
+    radio["vision_config"].update(model_name="vit_so400m_patch16_siglip_256")  # 3780 is no multiple of 16
+    with pytest.raises(CheckpointError, match=r"config.json: preset .* are not multiples of patch_size=16"):
         preset_from_ps3_config(radio)
     with pytest.raises(CheckpointError, match="cannot read"):
         load_ps3_checkpoint(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("name, fields, expected", [
+    ("vit_large_patch16_siglip_384", {"hidden_size": 1024}, (16, 1024, 24, 16, 4096)),
+    ("vit_base_patch16_224", {}, (16, 768, 12, 12, 3072)),
+    ("vit_so400m_patch16_siglip_256", {}, (16, 1152, 27, 16, 4304)),
+    ("eva02_custom", {"patch_size": 14, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                      "intermediate_size": 512}, (14, 256, 4, 4, 512)),
+])
+def test_any_timm_vit_trunk_is_built_from_its_name_or_the_configs_fields(name, fields, expected):
+    config = json.loads(json.dumps(RELEASED_4K))
+    config["vision_config"].pop("hidden_size")
+    patch, depth = expected[0], expected[2]
+    config["vision_config"].update(model_name=name, **fields, select_based_on_layer=[0, depth // 3, 2 * depth // 3,
+                                                                                     depth - 1])
+    config["text_config"]["output_dim"] = expected[1]  # the towers meet in the trunk's width
+    if patch == 16:  # the scales must be multiples of the patch
+        config["vision_config"]["ps3_scales"] = [256, 512, 1024, 2048]
+    preset = preset_from_ps3_config(config)
+    assert (preset.patch_size, preset.width, preset.depth, preset.heads, preset.mlp_dim) == expected
+    with torch.device("meta"):
+        PS3Model(preset)  # a model of that shape builds
 
 
 def test_ps3_checkpoint_with_a_wrong_tensor_is_named(tmp_path, tiny_preset):
