@@ -55,6 +55,7 @@ class _Backend(Protocol):
     pads_with_eos: bool
 
     def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
     def special(self, kind: Literal["eos", "pad"]) -> int | None: ...
     def vocab_size(self) -> int: ...
 
@@ -72,6 +73,9 @@ class _SentencePiece:
 
     def encode(self, text: str) -> list[int]:
         return list(self.sp.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
 
     def special(self, kind: Literal["eos", "pad"]) -> int | None:
         # SentencePiece records its own EOS/PAD ids (-1 = absent).
@@ -92,6 +96,9 @@ class _HFTokenizers:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
 
     def special(self, kind: Literal["eos", "pad"]) -> int | None:
         for name in _EOS_NAMES if kind == "eos" else _PAD_NAMES:
@@ -131,6 +138,13 @@ class Tokenizer:
             ids = ids[: self.context_length - 1] + [self.eos_id]
         ids = ids[: self.context_length]
         return ids + [self.pad_id] * (self.context_length - len(ids))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The caption of one row of ids (EOS and padding dropped): what evaluation pictures show."""
+        ids = [int(i) for i in ids]
+        if self.eos_id is not None and self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self.backend.decode([i for i in ids if i != self.pad_id]).strip()
 
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
         """A caption or a list of captions -> long [B, context_length]."""

@@ -10,10 +10,13 @@ untrained model. Results go to `eval.json` in the run directory and `platformctl
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from ps3.model import PS3Model
+from ps3.pictures import draw_selection_maps
 from ps3_platform.runtime.task import RunContext, TaskSetupError, TaskState
 
 from .common import init_weights, loader_for, parse_params, preset_for, to_device, tokenizer_for
@@ -46,21 +49,40 @@ def selection_recall(probs: list[torch.Tensor], gt_maps: list[torch.Tensor], gen
 
 
 @torch.no_grad()
-def evaluate_model(model: PS3Model, loader, batches: int, device: torch.device, seed: int) -> dict:
+def evaluate_model(model: PS3Model, loader, batches: int, device: torch.device, seed: int,
+                   draw: Callable[[dict, object], None] | None = None) -> dict:
+    """Retrieval and selection recall over `batches` held-out batches; `draw(batch, out)` sees
+    the first one (pictures)."""
     model.eval()
     figures = {"retrieval_r1": [], "retrieval_r1_lowres": [], "recall_topdown": [], "recall_bottomup": [],
                "recall_random": []}
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(batches):
+    pairs = 0
+    for number in range(batches):
         batch = to_device(next(loader), device)
         out = model(batch)
+        pairs += len(batch["tokens"])
+        if draw is not None and number == 0:
+            draw(batch, out)
         lowres = model({**batch, "is_global": torch.ones_like(batch["is_global"])})
         figures["retrieval_r1"].append(retrieval_r1(out.image_features, out.text_features, batch["tokens"]))
         figures["retrieval_r1_lowres"].append(retrieval_r1(lowres.image_features, out.text_features, batch["tokens"]))
         figures["recall_topdown"].append(selection_recall(out.topdown_probs, batch["gt_maps"]))
         figures["recall_bottomup"].append(selection_recall(out.bottomup_probs, batch["gt_maps"]))
         figures["recall_random"].append(selection_recall(out.topdown_probs, batch["gt_maps"], generator))
-    return {k: round(sum(v) / len(v), 4) for k, v in figures.items()}
+    return {**{k: round(sum(v) / len(v), 4) for k, v in figures.items()}, "n_pairs": pairs}
+
+
+def picture_drawer(tokenizer, folder: Path, count: int) -> Callable[[dict, object], None]:
+    """Draws the first `count` pairs of a batch: caption, top-down and bottom-up maps at the top scale."""
+    def draw(batch: dict, out) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(min(count, len(batch["tokens"]))):
+            draw_selection_maps(batch["selection_view"][i], tokenizer.decode(batch["tokens"][i].tolist()),
+                                out.topdown_probs[-1][i], out.bottomup_probs[-1][i], batch["gt_maps"][-1][i] > 0,
+                                folder / f"selection-{i}.png")
+
+    return draw
 
 
 def build(ctx: RunContext) -> TaskState:
@@ -84,7 +106,11 @@ def build(ctx: RunContext) -> TaskState:
         before = evaluate_model(untrained, loader(), params.batches, ctx.device, ctx.stage.train.seed)
         trained = PS3Model(preset).to(ctx.device)
         step = ctx.load_weights(trained, source)
-        results = evaluate_model(trained, loader(), params.batches, ctx.device, ctx.stage.train.seed)
+        pictures = ctx.run_dir / "pictures"
+        draw = picture_drawer(tokenizer, pictures, params.pictures) if params.pictures and ctx.rank == 0 else None
+        results = evaluate_model(trained, loader(), params.batches, ctx.device, ctx.stage.train.seed, draw)
+        if draw is not None:
+            results["pictures"] = str(pictures)
         results["retrieval_r1_untrained"] = before["retrieval_r1"]
         results["checkpoint_step"] = step
         if ctx.rank == 0:

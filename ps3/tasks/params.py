@@ -66,6 +66,8 @@ class PretrainParams(TaskParams):
 class EvalParams(TaskParams):
     batches: int = Field(4, ge=1, description="Held-out batches to evaluate.")
     batch_size: int = Field(32, ge=2, description="Images per batch (the retrieval gallery size).")
+    pictures: int = Field(4, ge=0, description="Held-out pairs drawn with their top-down and bottom-up selection "
+                                               "maps (run directory, pictures/).")
 
 
 def _range_within(value: tuple, lowest, highest=None) -> tuple:

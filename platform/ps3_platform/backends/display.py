@@ -110,6 +110,8 @@ def print_eval(evaluation: dict, console: Console | None = None) -> None:
             table.add_row(EVAL_LABELS.get(key, key), str(value))
     if table.row_count:
         console.print(table)
+    if isinstance(evaluation.get("pictures"), str):
+        console.print(f"selection maps (top-down vs bottom-up): {evaluation['pictures']}", soft_wrap=True)
     if evaluation.get("sweep"):
         print_sweep(evaluation, console)
 

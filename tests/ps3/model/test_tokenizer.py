@@ -39,6 +39,14 @@ def test_tiny_tokenizer_trains_saves_and_reloads(tmp_path):
     assert tok.vocab_size <= 64
 
 
+def test_ids_decode_back_to_the_caption_in_both_formats(tmp_path):
+    tiny = train_tiny_tokenizer(CAPTIONS, str(tmp_path / "t.json"), vocab_size=64, context_length=8)
+    assert tiny.decode(tiny("a red sign")[0].tolist()) == "a red sign"
+    (tmp_path / "spiece.model").write_bytes(_spm_model())
+    spm = build_tokenizer(str(tmp_path / "spiece.model"), context_length=10)
+    assert spm.decode(spm("A RED sign!")[0].tolist()) == "a red sign"  # canonicalised, EOS and padding gone
+
+
 def test_truncation_keeps_eos_last(tmp_path):
     tok = train_tiny_tokenizer(CAPTIONS, str(tmp_path / "t.json"), context_length=4)
     ids = tok("a blue car next to a red sign")

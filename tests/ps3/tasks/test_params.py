@@ -37,7 +37,7 @@ def test_bad_params_are_file_line_errors_at_validate(capsys, override, where, me
 
 def test_unknown_params_name_the_known_ones_when_nothing_is_close():
     (path, message), = check_params("ps3_eval", {"zzz": 1})
-    assert path == ("zzz",) and message == "unknown param (known: batches, batchSize)"
+    assert path == ("zzz",) and message == "unknown param (known: batches, batchSize, pictures)"
 
 
 def test_validate_checks_params_without_importing_torch():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from PIL import Image
+
 from ps3_platform.cli import main
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -29,7 +31,11 @@ def test_quickstart_pipeline_runs_and_reports_eval(platform_home, capsys):
     for key in ("retrieval_r1", "retrieval_r1_lowres", "retrieval_r1_untrained", "recall_topdown",
                 "recall_bottomup", "recall_random"):
         assert 0.0 <= status["eval"][key] <= 1.0, key
-    assert status["eval"]["checkpoint_step"] == 4
+    assert status["eval"]["checkpoint_step"] == 4 and status["eval"]["n_pairs"] == 8
+    pictures = sorted(Path(status["eval"]["pictures"]).glob("selection-*.png"))
+    assert len(pictures) == 4 and "selection maps (top-down vs bottom-up)" in out
+    with Image.open(pictures[0]) as picture:
+        assert picture.format == "PNG" and picture.width == 2 * picture.height - 48  # two square panels, a caption
     committed = list((platform_home / "runs" / "quickstart" / "checkpoints" / "quickstart" / "pretrain").glob(
         "step-*/manifest.json"))
     assert committed, "pre-training committed checkpoints"
