@@ -15,7 +15,7 @@ PIP    := $(PY) -m pip
 TORCH  := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install install-test system-deps ocr-deps quickstart curate-quickstart test bench-quick clean faults
+.PHONY: install install-test system-deps ocr-deps quickstart curate-quickstart test bench-quick clean faults image
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -64,6 +64,21 @@ faults: install-test
 
 bench-quick: install-test
 	for b in bench/*.py; do $(PY) $$b --quick || exit 1; done
+
+# The image the compiled pods run, tagged as the compiler names it (one source: default_image()).
+# ENGINE: docker or podman when its daemon/runtime answers, else buildah (BUILDAH_FLAGS for
+# rootless machines, e.g. --storage-driver vfs --isolation chroot); BUILD_ARGS pass through.
+ENGINE ?= $(shell if docker info >/dev/null 2>&1; then echo docker; \
+                  elif podman info >/dev/null 2>&1; then echo podman; \
+                  elif command -v buildah >/dev/null 2>&1; then echo buildah; fi)
+BUILDAH_FLAGS ?=
+BUILD_ARGS ?=
+
+image: install
+	@test -n "$(ENGINE)" || { echo "make image: no docker, podman or buildah that works here" >&2; exit 1; }
+	$(if $(filter buildah,$(ENGINE)),buildah $(BUILDAH_FLAGS) bud,$(ENGINE) build) \
+	  -f Containerfile -t "$$($(PY) -c 'from ps3_platform.compile.options import default_image; print(default_image())')" \
+	  $(BUILD_ARGS) .
 
 clean:
 	rm -rf $(VENV) build *.egg-info
