@@ -351,6 +351,9 @@ class Checkpointer:
         self.committed_step: int | None = None  # newest step this run loaded or committed (what a stop keeps)
         self._group: Any = None  # gloo group for DCP in the background thread (async, multi-rank)
         self._stager = _HostStager()
+        self._progress_lock = threading.Lock()  # `write_progress`: one writer thread, the newest record
+        self._progress_thread: threading.Thread | None = None
+        self._progress_pending: bytes | None = None
         self._remove_stale_staging()
 
     # ---- public API ---------------------------------------------------------------------
@@ -773,14 +776,37 @@ class Checkpointer:
     def write_progress(self, record: dict) -> None:
         """Leave this attempt's progress beside the checkpoints (rank 0, at log intervals).
 
-        Best effort: a failed write is logged and costs only the next restart's lost-steps
-        figure, never the run."""
-        try:
-            if self.location.is_local:
-                self.location.fs.makedirs(self.location.root, exist_ok=True)
-            self.location.fs.pipe_file(self.location.path(PROGRESS), json.dumps(record).encode())
-        except Exception as exc:  # noqa: BLE001 - any storage error; training goes on
-            log.warning("could not write %s: %s", self.location.url_of(PROGRESS), exc)
+        In the background and best effort: a store that hangs must not hold up training
+        steps (or a stop). One writer thread writes the newest record, so records that
+        arrive while a write is in flight replace each other and the last one always lands
+        (`flush_progress`); a failed write is logged and costs only how fresh `status` and
+        the next restart's lost-steps figure are."""
+        with self._progress_lock:
+            self._progress_pending = json.dumps(record).encode()
+            if self._progress_thread is None:
+                self._progress_thread = threading.Thread(target=self._write_progress, name="ps3-progress",
+                                                         daemon=True)
+                self._progress_thread.start()
+
+    def flush_progress(self, timeout_s: float = 5.0) -> None:
+        """Wait (a little) for the last progress record to land: at the end of a stage."""
+        thread = self._progress_thread
+        if thread is not None:
+            thread.join(timeout_s)
+
+    def _write_progress(self) -> None:
+        while True:
+            with self._progress_lock:
+                data, self._progress_pending = self._progress_pending, None
+                if data is None:
+                    self._progress_thread = None
+                    return
+            try:
+                if self.location.is_local:
+                    self.location.fs.makedirs(self.location.root, exist_ok=True)
+                self.location.fs.pipe_file(self.location.path(PROGRESS), data)
+            except Exception as exc:  # noqa: BLE001 - any storage error; training goes on
+                log.warning("could not write %s: %s", self.location.url_of(PROGRESS), exc)
 
     def read_progress(self) -> dict | None:
         """The previous attempt's last progress record, if it left one."""

@@ -141,6 +141,7 @@ class Trainer:
                 if outcome == "completed" and not self._should_checkpoint():
                     self.save()
                 self.checkpointer.wait()
+                self.checkpointer.flush_progress()
         except CheckpointAbandonedError as exc:  # told to stop, and the upload did not commit in the grace
             self.ctx.log.warning("%s; exiting without it", exc)
             return "preempted"
