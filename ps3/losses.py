@@ -7,6 +7,7 @@ are tested on CPU with gloo; nothing here reads global state.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,8 @@ def _pair_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: 
 
 
 def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                 logit_bias: torch.Tensor, *, rank: int = 0, world_size: int = 1, group=None) -> torch.Tensor:
+                 logit_bias: torch.Tensor, *, rank: int = 0, world_size: int = 1, group=None,
+                 sizes: Sequence[int] | None = None) -> torch.Tensor:
     """SigLIP loss of this rank's images against the texts of every rank.
 
     Features are L2-normalised [B, E]; ``logit_scale`` is the temperature itself (the exp of
@@ -73,15 +75,19 @@ def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
     travel around a ring (world-1 autograd-aware P2P shifts) and only add negatives, so no
     rank ever holds more than one [B, B] logits block. Divided by the local batch: the mean
     over ranks (what DDP/FSDP gradient averaging optimises) equals the single-process loss
-    over the concatenated global batch.
+    over the concatenated global batch. ``sizes`` (every rank's batch in this forward) lets
+    ranks hold different batches: blocks travel padded to the largest and are cut to their
+    sender's size on arrival; weighting each rank's mean by its size then gives the global mean.
     """
     img, txt = image_features.float(), text_features.float()
     scale, bias = logit_scale.float(), logit_bias.float()
     loss = _pair_loss(img, txt, scale, bias, diagonal=True)
-    block = txt
-    for _ in range(world_size - 1):
+    uneven = sizes is not None and len(set(sizes)) > 1
+    block = F.pad(txt, (0, 0, 0, max(sizes) - txt.shape[0])) if uneven else txt
+    for shift in range(1, world_size):
         block = ring_shift(block, rank, world_size, group)
-        loss = loss + _pair_loss(img, block, scale, bias, diagonal=False)
+        received = block[:sizes[(rank - shift) % world_size]] if uneven else block
+        loss = loss + _pair_loss(img, received, scale, bias, diagonal=False)
     return loss / img.shape[0]
 
 
@@ -93,9 +99,9 @@ class SigmoidLoss(nn.Module):
         self.rank, self.world_size, self.group = rank, world_size, group
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor) -> torch.Tensor:
+                logit_bias: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
         return sigmoid_loss(image_features, text_features, logit_scale, logit_bias,
-                            rank=self.rank, world_size=self.world_size, group=self.group)
+                            rank=self.rank, world_size=self.world_size, group=self.group, sizes=sizes)
 
 
 @dataclass(kw_only=True, slots=True)

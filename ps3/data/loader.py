@@ -1,7 +1,9 @@
 """The resumable per-rank loader a PS3 pre-training task hands to the runtime.
 
 Every rank plans the same global batch for each step (sampling.BatchPlanner), takes its
-contiguous share of the slots and yields it as `accumulation` micro-batches. The state is
+contiguous share of the slots and yields it as `accumulation` micro-batches, cut as the
+runtime's batch plan says (shares may differ by one sample when the world size does not
+divide the global batch; each micro-batch says how many samples every rank has in it). The state is
 the global position (step, micro-batch within it, per-source stream cursors), identical
 on all ranks, so a restart continues at exactly the next sample, also with another world
 size. Worker processes each make every `num_workers`-th micro-batch from the same plan;
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ps3_platform.spec.batch import BatchPlan, plan_batch
 
 from .batches import MicroBatchMaker, SourceRef
 from .retry import DataReadError, ReadRetry, one_line
@@ -43,7 +47,7 @@ class LoaderConfig:
     """How batches are cut and produced (everything but the sources, preset and tokenizer)."""
 
     global_batch: int  # samples per optimizer step over all ranks (the spec's train.globalBatch)
-    micro_batch: int  # samples per rank per forward
+    micro_batch: int  # at most this many samples per rank per forward
     seed: int = 0  # the sampling order is a function of (seed, position)
     num_workers: int = 0  # worker processes per rank; 0 = produce in the calling process
     global_caption_fraction: float = 0.25  # share of each global batch that are global pairs
@@ -63,7 +67,7 @@ class Position:
 class PlannedLoader:
     """The position keeping every planned loader shares: advance, state, resume, bad counts.
 
-    A subclass sets `world_size`, `accumulation` and `config` (global_batch, num_workers,
+    A subclass sets `world_size`, `plan`, `accumulation` and `config` (global_batch, num_workers,
     prefetch_factor), builds `self._planner = self._new_planner()` and calls
     `self._start()`; it implements `_new_planner()` and `_stream_of(position)` (an
     IterableDataset of this rank's micro-batches from a position).
@@ -143,7 +147,8 @@ class PS3Loader(PlannedLoader):
         self.sources = [as_source(s) for s in sources]
         self.views, self.tokenize, self.config = views, tokenize, config
         self.rank, self.world_size = rank, world_size
-        self.accumulation = accumulation_steps(config.global_batch, world_size, config.micro_batch)
+        self.plan = plan_batch(config.global_batch, world_size, config.micro_batch)
+        self.accumulation = self.plan.accumulation
         opening = ReadRetry(config.read_retry_seconds, counts=Counter())
         self._refs = [SourceRef.open(s.name, s.uri, i, opening)  # fails on a dead source
                       for i, s in enumerate(self.sources)]
@@ -171,7 +176,7 @@ class PS3Loader(PlannedLoader):
         return batch
 
     def _stream_of(self, position: Position) -> IterableDataset:
-        return _MicroBatches(self._refs, self._infos, self.views, self.config, self.rank, self.world_size, position)
+        return _MicroBatches(self._refs, self._infos, self.views, self.config, self.plan, self.rank, position)
 
 
 def as_source(source) -> DataSource:
@@ -183,21 +188,14 @@ def as_source(source) -> DataSource:
     return DataSource(source.name, str(source.uri), float(getattr(source, "weight", 1.0)))
 
 
-def accumulation_steps(global_batch: int, world_size: int, micro_batch: int) -> int:
-    if global_batch % world_size or (global_batch // world_size) % micro_batch:
-        raise ValueError(f"global batch {global_batch} does not split into {world_size} ranks x "
-                         f"micro-batches of {micro_batch}")
-    return global_batch // world_size // micro_batch
-
-
 class _MicroBatches(IterableDataset):
     """This rank's micro-batches from a position on; in a worker, only every n-th of them."""
 
     def __init__(self, refs: list[SourceRef], infos: list[SourceInfo], views: ViewConfig, config: LoaderConfig,
-                 rank: int, world_size: int, start: Position):
+                 plan: BatchPlan, rank: int, start: Position):
         super().__init__()
         self.refs, self.infos, self.views, self.config = refs, infos, views, config
-        self.rank, self.world_size, self.start = rank, world_size, start
+        self.plan, self.rank, self.start = plan, rank, start
 
     def __iter__(self) -> Iterator[tuple[dict, list[str], dict]]:
         info = get_worker_info()
@@ -206,18 +204,16 @@ class _MicroBatches(IterableDataset):
         planner = BatchPlanner(self.infos, self.config.global_batch, self.config.seed,
                                self.config.global_caption_fraction)
         planner.load_state_dict(self.start.planner)
-        per_rank = self.config.global_batch // self.world_size
-        accumulation = per_rank // self.config.micro_batch
+        spans = self.plan.micro_spans(self.rank)
         n, micro = 0, self.start.micro  # n counts micro-batches from the start position
         while True:
             slots = planner.next_batch()
             used = {s.key for s in slots}
-            mine = slots[self.rank * per_rank:(self.rank + 1) * per_rank]
-            for a in range(micro, accumulation):
+            for a in range(micro, len(spans)):
                 if n % workers == worker:
-                    part = mine[a * self.config.micro_batch:(a + 1) * self.config.micro_batch]
                     before = maker.bad.copy()
-                    batch, captions = maker.make(part, used)
+                    batch, captions = maker.make(slots[spans[a][0]:spans[a][1]], used)
+                    batch["rank_sizes"] = self.plan.micro_sizes(a)  # for losses that exchange across ranks
                     yield batch, captions, dict(maker.bad - before)
                 n += 1
             micro = 0

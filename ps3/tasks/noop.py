@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ps3_platform.runtime.task import RunContext, StepResult, TaskState
+from ps3_platform.spec import BatchPlan
 from .params import NoopParams
 
 
@@ -28,11 +29,8 @@ class RegressionStream:
 
     dim: int
     seed: int
+    plan: BatchPlan
     rank: int
-    world_size: int
-    micro_batch: int
-    accumulation: int
-    global_batch: int
     position: int = 0
     micro_index: int = 0
 
@@ -47,14 +45,13 @@ class RegressionStream:
         return x, y.reshape(1)
 
     def __next__(self) -> dict:
-        per_rank = self.micro_batch * self.accumulation
-        start = self.position + self.rank * per_rank + self.micro_index * self.micro_batch
-        pairs = [self._sample(i) for i in range(start, start + self.micro_batch)]
-        step = self.position // self.global_batch
+        start, stop = self.plan.micro_spans(self.rank)[self.micro_index]
+        pairs = [self._sample(self.position + i) for i in range(start, stop)]
+        step = self.position // self.plan.global_batch
         self.micro_index += 1
-        if self.micro_index == self.accumulation:  # step boundary: everyone moves a global batch
+        if self.micro_index == self.plan.accumulation:  # step boundary: everyone moves a global batch
             self.micro_index = 0
-            self.position += self.global_batch
+            self.position += self.plan.global_batch
         return {"x": torch.stack([p[0] for p in pairs]), "y": torch.stack([p[1] for p in pairs]),
                 "step": step}
 
@@ -80,8 +77,7 @@ def build(ctx: RunContext, default_step_seconds: float = 0.0) -> TaskState:
     params = NoopParams.model_validate({"stepSeconds": default_step_seconds, **ctx.params})
     model = ctx.parallelize(Regressor(params.dim))
     optimizer = ctx.build_optimizer(model.parameters())
-    data = RegressionStream(params.dim, ctx.stage.data.seed, ctx.rank, ctx.world_size,
-                            ctx.batch.micro_batch, ctx.batch.accumulation, ctx.batch.global_batch)
+    data = RegressionStream(params.dim, ctx.stage.data.seed, ctx.batch, ctx.rank)
     nan_steps = set(params.nan_at_steps)
 
     def step(model: nn.Module, batch: dict) -> StepResult:

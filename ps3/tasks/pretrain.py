@@ -57,7 +57,7 @@ def build(ctx: RunContext) -> TaskState:
         batch = to_device(batch, ctx.device)
         out = model(batch)
         contrastive = sigmoid_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias,
-                                   rank=ctx.rank, world_size=ctx.world_size)
+                                   rank=ctx.rank, world_size=ctx.world_size, sizes=batch.get("rank_sizes"))
         # Top-down learns the caption's box; bottom-up every labelled box of the image (paper Fig. 5b/c).
         box = box_supervision_loss(out.topdown_probs, out.bottomup_probs, batch["gt_maps"], batch["is_global"],
                                    box_config, bottomup_gt_maps=batch["saliency_maps"])

@@ -26,7 +26,8 @@ from ps3.data.batches import MAX_ATTEMPTS, MAX_LOGGED_KEYS, SourceRef
 from ps3.data.index import DataSourceError, SourceIndex
 
 # Shared with PS3Loader on purpose: both loaders cut, accept sources and record positions alike.
-from ps3.data.loader import PlannedLoader, Position, accumulation_steps, as_source
+from ps3.data.loader import PlannedLoader, Position, as_source
+from ps3_platform.spec.batch import BatchPlan, plan_batch
 from ps3.data.retry import ReadRetry
 from ps3.data.sampling import BatchPlanner, SamplingError, Slot, SourceInfo, replacement
 
@@ -189,7 +190,8 @@ class ConversationLoader(PlannedLoader):
         self.sources = [as_source(s) for s in sources]
         self.tokenizer, self.config, self.rank, self.world_size = tokenizer, config, rank, world_size
         check_tokenizer(tokenizer)
-        self.accumulation = accumulation_steps(config.global_batch, world_size, config.micro_batch)
+        self.plan = plan_batch(config.global_batch, world_size, config.micro_batch)
+        self.accumulation = self.plan.accumulation
         if len({s.name for s in self.sources}) != len(self.sources):
             raise SamplingError("source names must be unique (they key the resume state)")
         opening = ReadRetry(config.read_retry_seconds, counts=Counter())
@@ -222,7 +224,7 @@ class ConversationLoader(PlannedLoader):
 
     def _stream_of(self, position: Position) -> IterableDataset:
         maker = _Maker(self._refs, self._members, self.tokenizer, self.config)
-        return _MicroBatches(maker, self._groups, self.config, self.rank, self.world_size, position)
+        return _MicroBatches(maker, self._groups, self.config, self.plan, self.rank, position)
 
 
 def _group_by_kind(refs: list[SourceRef], probes: int = 8) -> dict[str, list[int]]:
@@ -306,27 +308,25 @@ class _MicroBatches(IterableDataset):
     """This rank's micro-batches from a position on; in a worker, only every n-th of them."""
 
     def __init__(self, maker: _Maker, groups: dict[str, list[SourceInfo]], config: ConversationLoaderConfig,
-                 rank: int, world_size: int, start: Position):
+                 plan: BatchPlan, rank: int, start: Position):
         super().__init__()
         self.maker, self.groups, self.config = maker, groups, config
-        self.rank, self.world_size, self.start = rank, world_size, start
+        self.plan, self.rank, self.start = plan, rank, start
 
     def __iter__(self) -> Iterator[tuple[dict, dict]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         planner = _StepPlanner(self.groups, self.config.global_batch, self.config.seed)
         planner.load_state_dict(self.start.planner)
-        per_rank = self.config.global_batch // self.world_size
-        micro_batch = self.config.micro_batch
+        spans = self.plan.micro_spans(self.rank)
         n, micro = 0, self.start.micro  # n counts micro-batches from the start position
         while True:
             kind, slots = planner.next_batch()
             used = {s.key for s in slots}
-            mine = slots[self.rank * per_rank:(self.rank + 1) * per_rank]
-            for a in range(micro, per_rank // micro_batch):
+            for a in range(micro, len(spans)):
                 if n % workers == worker:
                     before = self.maker.bad.copy()
-                    batch = self.maker.make(kind, mine[a * micro_batch:(a + 1) * micro_batch], used)
+                    batch = self.maker.make(kind, slots[spans[a][0]:spans[a][1]], used)
                     yield batch, dict(self.maker.bad - before)
                 n += 1
             micro = 0

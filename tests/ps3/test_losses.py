@@ -1,4 +1,4 @@
-"""Losses: SigLIP sigmoid loss (single process and a 2-rank gloo ring) and box supervision."""
+"""Losses: SigLIP sigmoid loss (single process and gloo rings of 2, 3 and 5 ranks) and box supervision."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from ps3.losses import BoxLossConfig, SigmoidLoss, box_supervision_loss, sigmoid
 WORLD, B, E = 2, 3, 8
 
 
-def _features(seed: int = 0):
+def _features(n: int = WORLD * B, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    img = F.normalize(torch.randn(WORLD * B, E, generator=g), dim=-1)
-    txt = F.normalize(torch.randn(WORLD * B, E, generator=g), dim=-1)
+    img = F.normalize(torch.randn(n, E, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(n, E, generator=g), dim=-1)
     return img, txt
 
 
@@ -33,43 +33,52 @@ def test_single_process_matches_definition():
     assert torch.allclose(SigmoidLoss()(img, txt, scale, bias), ref)
 
 
-def _worker(rank: int, out_dir: str) -> None:
+def _shares(sizes: list[int]) -> list[slice]:
+    starts = [sum(sizes[:r]) for r in range(len(sizes))]
+    return [slice(a, a + n) for a, n in zip(starts, sizes)]
+
+
+def _worker(rank: int, out_dir: str, sizes: list[int]) -> None:
     # A file rendezvous: no TCP port to pick (and race other test runs for).
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
+    world = len(sizes)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     try:
-        img, txt = _features()
-        mine = slice(rank * B, (rank + 1) * B)
+        img, txt = _features(sum(sizes))
+        mine = _shares(sizes)[rank]
         i, t = img[mine].clone().requires_grad_(True), txt[mine].clone().requires_grad_(True)
         log_scale = torch.tensor(math.log(10.0), requires_grad=True)
         bias = torch.tensor(-10.0, requires_grad=True)
-        loss = SigmoidLoss(rank=rank, world_size=WORLD)(i, t, log_scale.exp(), bias)
-        loss.backward()
-        shared = torch.stack([loss.detach(), log_scale.grad, bias.grad])
-        dist.all_reduce(shared)  # what gradient averaging sees, times WORLD
-        torch.save({"img": i.grad, "txt": t.grad, "shared": shared / WORLD}, os.path.join(out_dir, f"{rank}.pt"))
+        loss = SigmoidLoss(rank=rank, world_size=world)(i, t, log_scale.exp(), bias, sizes=sizes)
+        weight = sizes[rank] * world / sum(sizes)  # the runtime's loss weight for an uneven share
+        (loss * weight).backward()
+        shared = torch.stack([loss.detach() * weight, log_scale.grad, bias.grad])
+        dist.all_reduce(shared)  # what gradient averaging sees, times world
+        torch.save({"img": i.grad, "txt": t.grad, "shared": shared / world}, os.path.join(out_dir, f"{rank}.pt"))
         dist.barrier()  # nobody tears down gloo while the peer still talks to it
     finally:
         dist.destroy_process_group()
 
 
-def test_ring_loss_equals_single_process_loss_and_gradients(tmp_path):
-    mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD, start_method="spawn", join=True)
-    img, txt = _features()
+@pytest.mark.parametrize("sizes", [[B, B], [3, 3, 2], [2, 2, 2, 1, 1]], ids=["even", "3-ranks", "5-ranks"])
+def test_ring_loss_equals_single_process_loss_and_gradients(tmp_path, sizes):
+    """Also with shares that differ by one (a world size that does not divide the batch)."""
+    world = len(sizes)
+    mp.start_processes(_worker, args=(str(tmp_path), sizes), nprocs=world, start_method="spawn", join=True)
+    img, txt = _features(sum(sizes))
     img.requires_grad_(True)
     txt.requires_grad_(True)
     log_scale = torch.tensor(math.log(10.0), requires_grad=True)
     bias = torch.tensor(-10.0, requires_grad=True)
     ref = sigmoid_loss(img, txt, log_scale.exp(), bias)
     ref.backward()
-    for rank in range(WORLD):
+    for rank, mine in enumerate(_shares(sizes)):
         got = torch.load(tmp_path / f"{rank}.pt")
-        mine = slice(rank * B, (rank + 1) * B)
         assert torch.allclose(got["shared"][0], ref.detach(), atol=1e-5)
         assert torch.allclose(got["shared"][1], log_scale.grad, atol=1e-5)
         assert torch.allclose(got["shared"][2], bias.grad, atol=1e-5)
-        # the mean over ranks of a rank's loss: its own feature gradients are WORLD x the global ones
-        assert torch.allclose(got["img"] / WORLD, img.grad[mine], atol=1e-6)
-        assert torch.allclose(got["txt"] / WORLD, txt.grad[mine], atol=1e-6)
+        # gradient averaging divides by world: a rank's own feature gradients are world x the global ones
+        assert torch.allclose(got["img"] / world, img.grad[mine], atol=1e-6)
+        assert torch.allclose(got["txt"] / world, txt.grad[mine], atol=1e-6)
 
 
 def _maps(batch=3):

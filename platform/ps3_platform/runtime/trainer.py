@@ -160,23 +160,29 @@ class Trainer:
         return bool(flag.item())
 
     def _train_step(self, model) -> StepStats | None:
-        """One optimizer step over `accumulation` micro-batches; None if the step was skipped."""
-        plan = self.ctx.batch
+        """One optimizer step over `accumulation` micro-batches; None if the step was skipped.
+
+        Each micro-batch's mean loss is weighted by its share of the global batch (the plan's
+        `loss_weight`), so ranks with one sample more or less still give the exact global mean.
+        """
+        plan, rank = self.ctx.batch, self.world.rank
         started = time.perf_counter()
-        data_wait, loss_sum, samples, tokens, extra = 0.0, 0.0, 0, 0, {}
+        data_wait, weighted_loss, samples, tokens, extra = 0.0, 0.0, 0, 0, {}
         for micro in range(plan.accumulation):
             wait_start = time.perf_counter()
             batch = next(self.task.data)
             data_wait += time.perf_counter() - wait_start
             sync = micro == plan.accumulation - 1
+            weight = plan.loss_weight(rank, micro)
             with self._no_sync(model, sync), self._precision():
                 result: StepResult = self.task.step(model, batch)
-                (result.loss / plan.accumulation).backward()
-            loss_sum += float(result.loss.detach())
-            samples += result.samples or plan.micro_batch
+                (result.loss * weight).backward()
+            weighted_loss += weight * float(result.loss.detach())
+            start, stop = plan.micro_spans(rank)[micro]
+            samples += result.samples or stop - start
             tokens += result.tokens
             extra = result.metrics
-        loss = self._global_mean(loss_sum / plan.accumulation)
+        loss = self._global_mean(weighted_loss)
         grad_norm = self._clip_gradients(model)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self._handle_nonfinite(loss)

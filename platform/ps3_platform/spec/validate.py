@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 
-from .batch import splits_evenly
+from .batch import BatchPlanError, plan_batch
 from .load import LoadedSpec, SpecError, SpecIssue
 from .models import StageBody, TrainingJob
 from .pools import PoolConfig
@@ -44,13 +44,14 @@ def _stage_issues(loaded: LoadedSpec, stage: StageBody, prefix: tuple, pools: Po
                 f"nodes ({res.nodes}) must lie between elastic.minNodes ({stage.elastic.min_nodes}) "
                 f"and elastic.maxNodes ({stage.elastic.max_nodes})",
             ))
+    if stage.elastic:  # a rendezvous may form at any count in the range
+        node_counts |= set(range(stage.elastic.min_nodes, stage.elastic.max_nodes + 1))
     for nodes in sorted(node_counts):
-        if not splits_evenly(stage.train.global_batch, nodes * res.nproc):
-            issues.append(loaded.issue(
-                prefix + ("train", "globalBatch"),
-                f"global batch {stage.train.global_batch} is not divisible by {nodes} nodes x {res.nproc} "
-                f"processes = {nodes * res.nproc} ranks; pick a multiple of {nodes * res.nproc}",
-            ))
+        try:
+            plan_batch(stage.train.global_batch, nodes * res.nproc, stage.train.micro_batch)
+        except BatchPlanError as exc:
+            issues.append(loaded.issue(prefix + ("train", "globalBatch"),
+                                       f"at {nodes} nodes x {res.nproc} processes: {exc}"))
             break
     return issues
 

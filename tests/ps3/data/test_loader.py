@@ -92,6 +92,22 @@ def test_positions_are_global_across_world_sizes(synth_sources):
     assert step_ids(four) == step_ids([single])
 
 
+def test_world_sizes_that_do_not_divide_the_batch_cut_the_same_global_steps(synth_sources):
+    """8 samples over 3 or 5 ranks: shares of 3/3/2 and 2/2/2/1/1, the same samples in the
+    same order as one rank, resumable across world sizes; each micro-batch names every
+    rank's size in it (what the contrastive loss exchanges)."""
+    single = make(synth_sources, batch=8, micro=8)
+    three = [make(synth_sources, rank=r, world=3, batch=8, micro=2) for r in range(3)]
+    assert [loader.accumulation for loader in three] == [2, 2, 2]
+    first = [next(three[0]) for _ in range(2)]
+    assert [len(b["sample_id"]) for b in first] == [2, 1] and first[0]["rank_sizes"] == [2, 2, 1]
+    assert ids(first) + step_ids(three[1:]) == step_ids([single])
+    five = [make(synth_sources, rank=r, world=5, batch=8, micro=2) for r in range(5)]
+    for loader in five:
+        loader.load_state_dict(three[0].state_dict())  # world size 3 -> 5 at a step boundary
+    assert step_ids(five) == step_ids([single])
+
+
 def test_mid_step_state_needs_same_world_size(synth_sources):
     loader = make(synth_sources, batch=8, micro=2)
     next(loader)

@@ -1,4 +1,4 @@
-"""Global batch arithmetic: the same global batch on every world size."""
+"""Global batch arithmetic: the same global batch on every world size, divided or not."""
 
 from __future__ import annotations
 
@@ -8,13 +8,42 @@ from ps3_platform.spec import BatchPlanError, plan_batch
 
 
 @pytest.mark.parametrize("world,cap,micro,accum", [(1, None, 64, 1), (2, None, 32, 1), (4, 8, 8, 2),
-                                                   (8, 3, 2, 4), (64, None, 1, 1)])
+                                                   (8, 3, 3, 3), (64, None, 1, 1), (3, None, 22, 1),
+                                                   (5, 4, 4, 4), (9, 2, 2, 4)])
 def test_plan_keeps_global_batch(world, cap, micro, accum):
     plan = plan_batch(64, world, cap)
     assert (plan.micro_batch, plan.accumulation) == (micro, accum)
-    assert plan.micro_batch * plan.accumulation * world == 64
+    spans = [span for rank in range(world) for span in plan.micro_spans(rank)]
+    assert [a for a, _ in spans] == [0] + [b for _, b in spans[:-1]], "spans tile the global batch in order"
+    assert spans[-1][1] == 64
+    sizes = [b - a for a, b in spans]
+    assert max(sizes) == micro and max(sizes) - min(sizes) <= 1
+    assert all(len(plan.micro_spans(rank)) == accum for rank in range(world)), "same forwards on every rank"
 
 
-def test_indivisible_world_is_a_clear_error():
-    with pytest.raises(BatchPlanError, match="global batch 64 is not divisible by world size 3"):
-        plan_batch(64, 3)
+@pytest.mark.parametrize("world,cap", [(3, None), (5, 2), (7, 4), (8, 8)])
+def test_loss_weights_make_the_global_mean(world, cap):
+    """sum over ranks and forwards of weight x (mean of n samples) / world == mean over the batch."""
+    plan = plan_batch(8, world, cap)
+    values = [float(v * v) for v in range(8)]
+    total = 0.0
+    for rank in range(world):
+        for micro, (a, b) in enumerate(plan.micro_spans(rank)):
+            total += plan.loss_weight(rank, micro) * sum(values[a:b]) / (b - a)
+    assert total / world == pytest.approx(sum(values) / 8)
+    assert plan.even == (8 % world == 0)
+
+
+def test_micro_sizes_are_what_every_rank_runs_in_one_forward():
+    plan = plan_batch(8, 5)
+    assert plan.micro_sizes(0) == [2, 2, 2, 1, 1] and plan.share(3) == (6, 7)
+
+
+@pytest.mark.parametrize("batch,world,cap,message", [
+    (4, 5, None, "global batch 4 is smaller than world size 5"),
+    (7, 3, 1, "a rank would run an empty one"),
+    (8, 0, None, "world size must be positive"),
+])
+def test_unplannable_batches_are_clear_errors(batch, world, cap, message):
+    with pytest.raises(BatchPlanError, match=message):
+        plan_batch(batch, world, cap)
