@@ -20,6 +20,10 @@ EVAL_LABELS = {
     "recall_random": "patch-selection recall, random",
 }
 
+#: The key the data loader counts retried reads under, beside its skips (`RETRY_COUNT_KEY` in
+#: ps3/data/retry.py; the control plane does not import the science package).
+READ_RETRIES = "read_retries"
+
 
 def _fmt(value, spec: str = "") -> str:
     if value is None:
@@ -47,20 +51,34 @@ def progress_printer() -> Callable[[JobStatus], None]:
     return show
 
 
+def _data_trouble(failures: dict, skipped: str) -> str:
+    """' (3 bad samples skipped, 8 read retries)', or '' when reads were clean.
+
+    The loader counts reads retried through a storage outage beside its skips, in the same
+    counts: a retried read still delivered its sample, so adding it to the skips would show
+    an outage that lost nothing as lost data.
+    """
+    bad = sum(n for kind, n in failures.items() if kind != READ_RETRIES)
+    retries = failures.get(READ_RETRIES, 0)
+    parts = [f"{bad} {skipped}"] if bad else []
+    if retries:
+        parts.append(f"{retries} read {'retry' if retries == 1 else 'retries'}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def progress_line(status: JobStatus) -> str:
+    """One line per job for `submit --wait`: phase, then each stage's step, rate and troubles."""
     parts = [f"{status.name}: {status.phase}"]
     for stage in status.stages:
         if stage.phase == "Running" and stage.step is not None and stage.unit == "images":
-            failed = sum(stage.failures.values())
             parts.append(f"{stage.name} {stage.step}/{stage.total_steps} images {_fmt(stage.samples_per_s, '.2f')} "
-                         f"images/s ETA {_eta(stage.eta_s)}" + (f" ({failed} skipped)" if failed else ""))
+                         f"images/s ETA {_eta(stage.eta_s)}" + _data_trouble(stage.failures, "skipped"))
         elif stage.phase == "Running" and stage.message.startswith("stalled"):
             parts.append(f"{stage.name} {stage.message}")
         elif stage.phase == "Running" and stage.step is not None:
-            bad = sum(stage.failures.values())
             parts.append(f"{stage.name} step {stage.step}/{stage.total_steps} loss {_fmt(stage.loss, '.4f')} "
                          f"{_fmt(stage.samples_per_s, '.1f')} samples/s ETA {_eta(stage.eta_s)}"
-                         + (f" ({bad} bad samples skipped)" if bad else ""))
+                         + _data_trouble(stage.failures, "bad samples skipped"))
         elif stage.message.startswith("waiting:"):
             parts.append(f"{stage.name} {stage.phase}, {stage.message}")
         else:

@@ -41,6 +41,36 @@ def checkpoint_uri(stage: Stage, run_dir: Path) -> str:
     return stage.checkpoint.uri or f"file://{run_dir.parent.resolve()}/checkpoints"
 
 
+def _stage_stores(stage: Stage, run_dir: Path) -> list[str]:
+    """Every store a stage reads or writes: its data sources, then its checkpoints."""
+    return [*(src.uri for src in [*stage.data.sources, *stage.data.eval_sources]), checkpoint_uri(stage, run_dir)]
+
+
+def _check_stores(uris: list[str], log: logging.Logger) -> None:
+    """Fail in one line naming the URI and the fix (RunSetupError: exit 2, not retried) when an
+    object store is misconfigured: no credentials, no such bucket, access denied. Otherwise the
+    data reads and checkpoint uploads would retry it for their whole budgets (issue 20).
+
+    A store that is down or silent is only logged: a worker restarted during an outage should
+    ride it out with those budgets. One endpoint serves every s3:// URI, so after one such
+    failure the rest are not probed (each would wait out the same timeout). A bucket is
+    probed once, however many URIs it holds.
+    """
+    probed = set()
+    for uri in uris:
+        bucket = uri.split("/", 3)[:3]  # scheme, "", bucket: what one probe answers for
+        if tuple(bucket) in probed:
+            continue
+        probed.add(tuple(bucket))
+        try:
+            check_storage(uri)
+        except StorageConfigError as exc:
+            raise RunSetupError(str(exc)) from None
+        except StorageError as exc:
+            log.warning("%s; continuing: data reads and checkpoint uploads retry within their budgets", exc)
+            return
+
+
 def _publish_eval(job: JobSpec, stage: Stage, world: WorldInfo, run_dir: Path, log: logging.Logger) -> None:
     """Copy the stage's eval.json beside its checkpoints, where `platformctl status` finds it on a
     cluster (a pod's run directory goes with the pod). Best effort: the local copy stays."""
@@ -123,6 +153,7 @@ def run_stage(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, log
     _serve_metrics(metrics, stage, world, log)
     start_gpu_sampler(metrics, world.device)
     try:
+        _check_stores(_stage_stores(stage, run_dir), log)  # before the task opens its data
         seed_everything(stage.train.seed)  # identical initial weights on every rank
         try:
             build = resolve_task(stage.task)
@@ -141,12 +172,6 @@ def run_stage(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, log
                 raise RunSetupError(str(exc)) from None
             _publish_eval(job, stage, world, run_dir, log)
             return "completed"
-        try:  # a misconfigured store fails here in one line, not after the retry budget
-            check_storage(checkpoint_uri(stage, run_dir))
-        except StorageConfigError as exc:
-            raise RunSetupError(str(exc)) from None
-        except StorageError as exc:  # down or silent: maybe an outage, which the retry budget rides out
-            log.warning("%s; continuing with the checkpoint retry budget", exc)
         jsonl = JsonlLog(run_dir / "metrics.jsonl" if world.is_main else None)
         notes = JsonlLog(run_dir / f"checkpoint-rank-{world.rank}.jsonl")
         notes.write({"checkpoint": "started"})  # a failure noted by an earlier attempt is history

@@ -90,13 +90,27 @@ def _compose(text: str, file: str) -> tuple[Any, dict[tuple, Position]]:
         # The context mark is where the unclosed construct started, which is where to look.
         mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError([SpecIssue(file, line, col, "", f"invalid YAML: {problem}")]) from None
+        raise SpecError([SpecIssue(file, line, col, "", f"invalid YAML: {_problem(exc)}")]) from None
     if node is None:
         raise SpecError([SpecIssue(file, 1, 1, "", "the file is empty: expected a job spec")])
     positions: dict[tuple, Position] = {(): (node.start_mark.line + 1, node.start_mark.column + 1)}
+    return _construct(node, file, (), positions), positions
+
+
+def _problem(exc: yaml.YAMLError) -> str:
+    return getattr(exc, "problem", None) or str(exc).splitlines()[0]
+
+
+def _construct(node: yaml.Node, file: str, path: tuple, positions: dict[tuple, Position]) -> Any:
+    """Plain data from a composed node, recording each key's position in `positions`.
+
+    Aliases are expanded here, so this is where the size is bounded: every value counts
+    against MAX_VALUES, and a "billion laughs" stops after that many, at once. PyYAML's own
+    constructor shares aliased objects and would hand the bomb on to whatever walks it
+    next (validation, `resolved`, a ConfigMap dump), which then runs for minutes.
+    """
     scalars = yaml.SafeLoader("")  # resolves scalar nodes to Python values (ints, bools, ...)
-    budget = [MAX_VALUES]  # aliases are expanded here: count what they expand to
+    budget = [MAX_VALUES]
 
     def walk(n: yaml.Node, path: tuple) -> Any:
         budget[0] -= 1
@@ -122,7 +136,7 @@ def _compose(text: str, file: str) -> tuple[Any, dict[tuple, Position]]:
             return items
         return scalars.construct_object(n, deep=True)
 
-    return walk(node, ()), positions
+    return walk(node, path)
 
 
 def dotted(path: tuple) -> str:
@@ -156,11 +170,7 @@ def apply_overrides(data: dict, overrides: list[str], positions: dict[tuple, Pos
             if not isinstance(target, dict):
                 raise SpecError([SpecIssue("--set", 1, 1, key, f"{dotted(tuple(parts[: i + 1]))} is not a mapping")])
             target = target.setdefault(part, {})
-        try:
-            value = yaml.load(raw, Loader=_BoundedLoader) if raw else ""
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise SpecError([SpecIssue("--set", 1, 1, key, f"value {raw!r} is not valid YAML: {problem}")]) from None
+        value = _override_value(key, raw)
         if isinstance(target, list) and isinstance(parts[-1], int) and parts[-1] < len(target):
             target[parts[-1]] = value
         elif isinstance(target, dict):
@@ -168,6 +178,19 @@ def apply_overrides(data: dict, overrides: list[str], positions: dict[tuple, Pos
         else:
             raise SpecError([SpecIssue("--set", 1, 1, key, "cannot set a field inside a scalar")])
         # A key that is new to the file has no position: errors point at its nearest parent there.
+
+
+def _override_value(key: str, raw: str) -> Any:
+    """A `--set` value parsed as YAML within the same bounds as a file (nesting, alias
+    expansion): a command line is as hostile as a file. A new key has no position in the
+    file, so positions are not kept; errors point into the value (`--set:1:COL`)."""
+    if not raw:
+        return ""
+    try:
+        node = yaml.compose(raw, Loader=_BoundedLoader)
+    except yaml.YAMLError as exc:
+        raise SpecError([SpecIssue("--set", 1, 1, key, f"value {raw!r} is not valid YAML: {_problem(exc)}")]) from None
+    return None if node is None else _construct(node, "--set", (key,), {})
 
 
 def _closest(model: type[BaseModel] | None, key: str) -> str | None:

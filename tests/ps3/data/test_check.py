@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ps3.data.check import check_source
 from ps3.data.fs import filesystem
 
@@ -55,6 +57,7 @@ def test_check_corrupt_tar_header_loses_only_that_member(tmp_path):
     assert "corrupt tar header at byte" in shard["error"]
 
 
+@pytest.mark.faults
 def test_check_missing_shard_listed_in_index(tmp_path):
     uri = f"file://{tmp_path}/src"
     write_source(uri, 8, per_shard=4)
@@ -64,6 +67,7 @@ def test_check_missing_shard_listed_in_index(tmp_path):
     assert report["missing_shards"] == ["shard-000001.tar"] and report["index"] == "stale"
 
 
+@pytest.mark.faults
 def test_check_missing_shard_is_in_the_table_and_both_forms_exit_1(tmp_path, capsys):
     from ps3_platform.cli import main
 
@@ -79,6 +83,7 @@ def test_check_missing_shard_is_in_the_table_and_both_forms_exit_1(tmp_path, cap
     assert json.loads(capsys.readouterr().out)["missing_shards"] == ["shard-000001.tar"]
 
 
+@pytest.mark.faults
 def test_check_classifies_a_lost_member_as_the_loader_does(tmp_path):
     from ps3.data.index import SourceIndex, build_index
     from ps3.data.records import BadSample

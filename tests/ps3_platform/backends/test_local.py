@@ -74,6 +74,7 @@ def _committed(run_dir: Path) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in run_dir.glob("checkpoints/toy/train/step-*/manifest.json"))
 
 
+@pytest.mark.faults
 def test_resubmitting_a_cancelled_job_resumes_it_from_its_committed_checkpoint(platform_home):
     backend = LocalBackend()
     backend.submit(_job(steps=60, step_seconds=0.05), [])
@@ -90,6 +91,7 @@ def test_resubmitting_a_cancelled_job_resumes_it_from_its_committed_checkpoint(p
     assert f"resumed from step {saved}" in logs
 
 
+@pytest.mark.faults
 def test_replace_never_deletes_checkpoints_unless_asked_and_lists_them(platform_home):
     backend = LocalBackend()
     backend.submit(_job(steps=5), [])
@@ -140,6 +142,7 @@ def test_cancel_leaves_no_process_behind(platform_home):
     assert backend.status("toy").phase == "Cancelled"
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("event, said", [
     ({"event": "preempted", "step": 25, "committed": 20},
      "stage train stopped at step 25 but its final save did NOT commit: the last committed checkpoint is step 20 "
@@ -209,6 +212,7 @@ def test_logs_follow_streams_until_the_job_ends(platform_home):
     assert status.stages[0].loss is not None and status.stages[0].samples_per_s
 
 
+@pytest.mark.faults
 def test_a_stage_whose_step_stops_advancing_is_stalled_without_eta(platform_home):
     from ps3_platform.backends.base import JobStatus
     from ps3_platform.backends.display import progress_line
@@ -240,6 +244,7 @@ def test_a_stage_whose_step_stops_advancing_is_stalled_without_eta(platform_home
     assert not slow.message
 
 
+@pytest.mark.faults
 def test_submit_refuses_an_unusable_store_at_once(platform_home, monkeypatch):
     from ps3_platform.backends.base import BackendError
 

@@ -25,6 +25,7 @@ def _refused(message: str, url: str, env: dict, within: float, kind=StorageError
     assert "\n" not in text and text.startswith(f"{url}: ") and message in text, text
 
 
+@pytest.mark.faults
 def test_missing_credentials(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
@@ -34,6 +35,7 @@ def test_missing_credentials(monkeypatch, tmp_path):
     _refused("no S3 credentials: set AWS_ACCESS_KEY_ID", "s3://ckpt/run", env, within=10, kind=StorageConfigError)
 
 
+@pytest.mark.faults
 def test_unreachable_endpoint():
     env = CREDS | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}"}
     _refused("cannot use the S3 endpoint http://127.0.0.1:", "s3://ckpt/run", env, within=10)
@@ -42,6 +44,7 @@ def test_unreachable_endpoint():
     assert not isinstance(caught.value, StorageConfigError)
 
 
+@pytest.mark.faults
 def test_silent_endpoint_is_bounded():
     with socket.socket() as listener:  # accepts connections (the backlog) and never answers
         listener.bind(("127.0.0.1", 0))
@@ -51,6 +54,7 @@ def test_silent_endpoint_is_bounded():
 
 
 @pytest.mark.s3
+@pytest.mark.faults
 def test_missing_bucket_and_a_usable_one(s3_server):
     import os
 

@@ -91,6 +91,7 @@ def test_changed_spec_is_refused_unless_allowed(tmp_path):
     assert resumed.counters.step == 8 and resumed.counters.spec_hash == "new"
 
 
+@pytest.mark.faults
 def test_replayed_steps_carry_their_attempt(tmp_path):
     import json
 
@@ -144,6 +145,7 @@ def _gather_bad(rank: int, store: str, out: str) -> None:
     Path(f"{out}.{rank}").write_text(_json.dumps(total))
 
 
+@pytest.mark.faults
 def test_bad_sample_counts_are_summed_over_ranks(tmp_path):
     import json
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import jsonschema
@@ -150,3 +151,26 @@ def test_deep_nesting_is_refused_with_a_position(tmp_path, capsys):
 def test_bad_set_value_is_one_line(tmp_path, capsys, value):
     (err,) = _validate(tmp_path, capsys, JOB.encode(), "--set", f"spec.train.steps={value}")
     assert err.startswith("--set:1:1: spec.train.steps: value ") and "is not valid YAML" in err
+
+
+def _set_bomb(levels: int) -> str:
+    """A one-line `--set` value whose aliases expand to 9**levels values (nine per level)."""
+    names = "abcdefghi"[:levels]
+    nested = [f"&{c} [{','.join(['*' + p] * 9)}]" for p, c in itertools.pairwise(names)]
+    return "[" + ", ".join([f"&a [{','.join(['1'] * 9)}]", *nested]) + "]"
+
+
+@pytest.mark.faults
+def test_alias_bomb_in_a_set_value_is_refused_at_once(tmp_path, capsys):
+    """`--set` values are bounded like files: 9**6 values (well past the limit, yet small
+    enough that an unbounded loader accepts it in a second instead of hanging the test)."""
+    value = _set_bomb(6)
+    assert len(value) < 200
+    (err,) = _validate(tmp_path, capsys, JOB.encode(), "--set", f"spec.model.overrides.x={value}")
+    assert err.startswith("--set:1:") and "spec.model.overrides.x[" in err
+    assert "expands to more than 10000 values" in err
+
+
+def test_set_values_within_the_limits_still_parse():
+    job = load_text(JOB, overrides=["spec.model.overrides.x=[&a [1, 2], *a]", "spec.model.overrides.y={k: v}"]).job
+    assert job.spec.model.overrides == {"x": [[1, 2], [1, 2]], "y": {"k": "v"}}
