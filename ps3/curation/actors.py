@@ -67,9 +67,9 @@ class CaptionCalls:
 
     A batch that fails is retried request by request, so one bad request costs only its
     own box; a request the captioner declines (`CaptionError`, e.g. OCR finds no text) is
-    dropped at once, errors are retried `retries` times, and a request that timed out is
-    dropped without a retry (its call may still be running on the model). A call that times out cannot be interrupted (a model forward holds no
-    cancellation point): its thread is abandoned and later calls use a fresh one.
+    dropped at once, and errors and timeouts alike are retried `retries` times, then the box
+    is dropped. A call that times out cannot be interrupted (a model forward holds no
+    cancellation point): its thread is abandoned and the retry runs on a fresh one.
     """
 
     def __init__(self, captioner, config: CaptionConfig):
@@ -101,10 +101,6 @@ class CaptionCalls:
             try:
                 return self._call([request])[0]
             except CaptionError:  # an answer ("no text in this box"), not a fault: retrying cannot help
-                return None
-            except TimeoutError as exc:  # the stuck call still runs: another would pile onto the same model
-                self.errors += 1
-                log.warning("caption dropped: %s", exc)
                 return None
             except Exception as exc:  # noqa: BLE001 - a caption is dropped, never the pipeline
                 self.errors += 1

@@ -85,6 +85,7 @@ def curate(config: CurationConfig, plan: Plan | None = None, progress: Progress 
     progress.done = progress.done_at_start = sum(len(o) for o in outcomes.values())
     if progress.done_at_start:
         log.info("resuming: %d of %d inputs are in committed shards", progress.done, progress.total)
+    progress.report(progress, None, None)  # the plan, and the inputs lost at listing, before any work
     for kind in ("natural", "document"):
         pending = _pending_rows(config, plans, outcomes, kind)
         _write_as_completed(config, plans, outcomes, stream(pending, kind, config), progress)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 
 from ps3.curation.config import CurationConfig, check_params
 from ps3.curation.inputs import InputError
@@ -29,6 +30,7 @@ def _reporter(ctx: RunContext, log: JsonlLog):
     """Progress to metrics, to metrics.jsonl (local status) and, at every committed shard, to the
     log as `N/T images R images/s`, which the Kubernetes backend's status reads from rank 0's pod."""
     metrics = ctx.metrics
+    counted: Counter = Counter()  # progress.failures already added to ps3_curate_failures_total
 
     def report(progress: Progress, source: str | None, outcomes: dict | None) -> None:
         rate = progress.images_per_s
@@ -39,10 +41,12 @@ def _reporter(ctx: RunContext, log: JsonlLog):
             metrics.get("ps3_curate_images_total", source=source, outcome=outcome["status"]).inc()
             if outcome["status"] == "written":
                 metrics.get("ps3_curate_boxes_total", source=source).inc(outcome["boxes"])
-                if outcome.get("dropped_boxes"):
-                    metrics.get("ps3_curate_failures_total", kind="caption_dropped").inc(outcome["dropped_boxes"])
-            else:
-                metrics.get("ps3_curate_failures_total", kind=outcome["reason"]).inc()
+        # by kind, from the one count the log and metrics.jsonl show too: inputs that failed at
+        # listing (pdf_error, read_error), skipped inputs, boxes dropped for want of a caption
+        new = progress.failures - counted
+        for kind, n in new.items():
+            metrics.get("ps3_curate_failures_total", kind=kind).inc(n)
+        counted.update(new)
         if outcomes is not None:
             ctx.log.info("curate %d/%d images %.3f images/s", progress.done, progress.total, rate)
         log.write({"step": progress.done, "total": progress.total, "loss": None, "unit": "images",

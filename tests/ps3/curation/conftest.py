@@ -2,7 +2,7 @@
 
 The pipeline's own logic (planning, committing, resuming, counting failures) is tested by
 feeding it `in_process_stream`, which calls the very stage functions and actor classes
-the Ray adapter schedules; `test_ray_pipeline.py` runs the same through real Ray Data.
+the Ray adapter schedules; `tests/ps3/tasks/test_curate.py` runs them through real Ray Data.
 """
 
 from __future__ import annotations

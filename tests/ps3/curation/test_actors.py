@@ -62,11 +62,15 @@ def test_a_transient_failure_recovers_on_retry():
     assert out[0] == f"caption of {bad}"
 
 
-def test_a_stuck_call_times_out_and_the_box_is_dropped():
+def test_a_stuck_call_times_out_is_retried_and_then_the_box_is_dropped():
     stuck = (2, 0, 3, 1)
+    captioner = FlakyCaptioner(hang_boxes=[stuck])
+    calls = CaptionCalls(captioner, config())
     started = time.monotonic()
-    out = CaptionCalls(FlakyCaptioner(hang_boxes=[stuck]), config()).captions(_requests(3))
+    out = calls.captions(_requests(3))
     assert out[2] is None and out[0] and out[1]
+    assert sum(c == [stuck] for c in captioner.calls) == 3  # 1 try + 2 retries, each timed out
+    assert calls.errors == 3
     assert time.monotonic() - started < 3
 
 

@@ -165,3 +165,123 @@ def test_webdataset_shards_and_globs_are_inputs_too(tmp_path, raw_inputs):
     assert summary["sources"]["wds"]["inputs"] == 3 and summary["sources"]["globbed"]["inputs"] == 2
     samples = outputs(f"file://{tmp_path}/out", "wds")
     assert samples and all(".tar#offset=" in s["input"] for s in samples.values())
+
+
+def _one_scene(raw_inputs) -> Image.Image:
+    return Image.open(raw_inputs["scene"].removeprefix("file://") + "/scene00000000.jpg").convert("RGB")
+
+
+def test_webp_and_tiff_inputs_are_re_encoded_and_curated(tmp_path, raw_inputs):
+    """The shard format holds jpg/png: a WebP and a TIFF input are stored as JPEG, with their boxes."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    scene = _one_scene(raw_inputs).reduce(2)  # 512 x 640: small, and its signs still read
+    scene.save(raw / "scene.webp", "WEBP", quality=95)
+    scene.save(raw / "scene.tiff", "TIFF")
+    config = curation_config(f"file://{tmp_path}/out", {}, sources=[
+        {"name": "formats", "kind": "natural", "uri": f"file://{raw}"}])
+    summary = curate(config, stream=in_process_stream)
+    assert summary["sources"]["formats"]["images"] == 2, summary
+    names = [s["name"] for s in read_index(f"file://{tmp_path}/out/formats")["shards"]]
+    samples = list(iter_webdataset(f"file://{tmp_path}/out/formats", names))
+    assert sorted(json.loads(s["json"])["input"].rsplit(".", 1)[1] for s in samples) == ["tiff", "webp"]
+    for sample in samples:
+        record = json.loads(sample["json"])
+        assert record["boxes"] and len(record["boxes"]) == len(record["captions"])
+        stored = Image.open(io.BytesIO(sample["jpg"]))
+        assert stored.format == "JPEG" and stored.size == scene.size == (record["width"], record["height"])
+
+
+def test_inputs_under_another_fsspec_uri_are_listed_and_read():
+    """memory:// (fsspec's in-process store) stands for any non-file URI. Ray Data runs the stages
+    in worker processes, which would not share this store, so the test covers what touches the
+    input URI: listing (directory, glob, PDF pages) and reading."""
+    from ps3.curation.inputs import InputItem, SourceSpec, list_inputs
+    from ps3.curation.stages import read_input
+    from ps3.data.fs import filesystem
+
+    root = "memory://curation-test-inputs"
+    fs, path = filesystem(root)
+    page = Image.new("RGB", (300, 200), "white")
+    buf = io.BytesIO()
+    page.save(buf, "PDF", resolution=100.0, save_all=True, append_images=[page])
+    fs.pipe_file(f"{path}/doc.pdf", buf.getvalue())
+    fs.pipe_file(f"{path}/broken.pdf", b"%PDF-1.4 this is not a pdf")
+    fs.pipe_file(f"{path}/img.jpg", _jpeg((320, 240)))
+    try:
+        failures: list = []
+        items = list_inputs(SourceSpec("mem", "document", root), failures)
+        assert sorted(i.name for i in items) == [f"memory://{path}/doc.pdf#page=1", f"memory://{path}/doc.pdf#page=2",
+                                                 f"memory://{path}/img.jpg"]
+        assert [(name, kind) for name, kind, _ in failures] == [(f"memory://{path}/broken.pdf", "pdf_error")]
+        assert [i.name for i in list_inputs(SourceSpec("glob", "natural", f"{root}/*.jpg"), [])] == [
+            f"memory://{path}/img.jpg"]
+        config = curation_config(f"{root}/out", {}, sources=[{"name": "mem", "kind": "document", "uri": root}])
+        gone = InputItem("gone", "mem", "document", f"memory://{path}/gone.jpg")
+        for item in [*items, gone]:
+            row = read_input({**item.to_row(), "image": b"", "masks": b""}, config)
+            meta = json.loads(row["meta"])
+            if item is gone:
+                assert meta["failed"] == "read_error"
+                continue
+            assert "failed" not in meta
+            assert Image.open(io.BytesIO(row["image"])).size == (meta["width"], meta["height"])
+            assert (meta["width"], meta["height"]) == ((450, 300) if item.page is not None else (320, 240))
+    finally:
+        fs.rm(path, recursive=True)
+
+
+def test_a_document_page_image_curates_to_ocr_boxes_and_text(tesseract, tmp_path):
+    """A document source given as page images (no PDF): Tesseract's lines become boxes with their text."""
+    from ps3.data import synth
+
+    data, ext, _ = synth.sample("document", 5, 0, synth.SynthConfig(doc_long_side=(1024, 1024), texture=False))
+    (tmp_path / "pages").mkdir()
+    (tmp_path / "pages" / f"page.{ext}").write_bytes(data)
+    config = curation_config(f"file://{tmp_path}/out", {}, sources=[
+        {"name": "pages", "kind": "document", "uri": f"file://{tmp_path}/pages", "documentMode": "sentence"}])
+    summary = curate(config, stream=in_process_stream)
+    assert summary["failures"] == {} and summary["sources"]["pages"]["images"] == 1
+    (sample,) = outputs(f"file://{tmp_path}/out", "pages").values()
+    assert sample["input"].endswith(f"page.{ext}") and sample["provenance"]["captions"]["name"] == "tesseract"
+    assert len(sample["boxes"]) == len(sample["captions"]) == 4 and "global_caption" not in sample
+    words = [w for caption in sample["captions"] for w in caption.split()]
+    assert sum(w in synth.DOC_WORDS for w in words) >= 0.9 * len(words)  # the page's own words, read back
+
+
+class _FirstBoxHangs:
+    """A captioner whose first box hangs past the timeout on every try; every other box gets a caption."""
+
+    def __init__(self):
+        self.provenance, self.stuck = {"name": "first-box-hangs"}, None
+
+    def caption(self, requests):
+        import time
+
+        self.stuck = self.stuck or requests[0].box
+        if any(r.box == self.stuck for r in requests):
+            time.sleep(0.5)
+        return [f"caption of {r.box}" for r in requests]
+
+
+def test_a_caption_that_keeps_timing_out_is_counted_in_the_summary(tmp_path, raw_inputs):
+    from ps3.curation.actors import Caption, CaptionCalls, Segment
+    from ps3.curation.stages import read_input, select_boxes
+
+    config = curation_config(f"file://{tmp_path}/out", {}, sources=[
+        {"name": "scene", "kind": "natural", "uri": raw_inputs["scene"] + "/scene0000000[0].jpg"}],  # a glob of one
+        captions={"captioner": "ocr", "timeoutS": 0.2, "retries": 1})
+    boxes = []
+
+    def stream(rows, kind, cfg):
+        segmenter, caption = Segment(cfg), Caption(cfg)
+        caption.calls = CaptionCalls(_FirstBoxHangs(), cfg.captions)  # what the Caption actor calls, scripted
+        for row in rows:
+            row = select_boxes(segmenter([read_input(row, cfg)])[0], cfg)
+            boxes.append(len(json.loads(row["meta"])["boxes"]))
+            yield caption([row])[0]
+
+    summary = curate(config, stream=stream)
+    assert summary["failures"] == {"caption_dropped": 1} and summary["sources"]["scene"]["captions_dropped"] == 1
+    (sample,) = outputs(f"file://{tmp_path}/out", "scene").values()
+    assert len(sample["boxes"]) == len(sample["captions"]) == boxes[0] - 1

@@ -188,3 +188,31 @@ def test_progress_reaches_metrics_and_the_status_log(tmp_path):
     running = {"status": {"conditions": [{"type": "Running", "status": "True"}]}}
     status = stage_status("curate", running, progress=progress)
     assert status.unit == "images" and status.eta_s is not None  # what `platformctl status` shows on a cluster
+
+
+def test_inputs_that_fail_at_listing_reach_the_failure_metric(tmp_path):
+    """A PDF that cannot be opened or a shard that cannot be read never reaches a shard's
+    outcomes: it is counted by kind in ps3_curate_failures_total all the same."""
+    from types import SimpleNamespace
+
+    from ps3_platform.runtime.metrics import JsonlLog, Metrics
+
+    from ps3.curation.pipeline import Plan, Progress
+    from ps3.tasks.curate import _reporter
+
+    metrics = Metrics("job", "curate", 0)
+    log = JsonlLog(tmp_path / "metrics.jsonl")
+    report = _reporter(SimpleNamespace(metrics=metrics, log=SimpleNamespace(info=lambda *a: None)), log)
+    config = CurationConfig.model_validate({"output": f"file://{tmp_path}/out",
+                                            "sources": [{"name": "docs", "kind": "document", "uri": "unused"}]})
+    plan = Plan({"docs": {}}, [("a.pdf", "pdf_error", "cannot open PDF"), ("b.pdf", "pdf_error", "cannot open PDF"),
+                               ("c.tar", "read_error", "OSError: gone")])
+    progress = Progress(report=report)
+    summary = curate(config, plan, progress, stream=lambda rows, kind, cfg: iter(rows))
+    report(progress, None, None)  # a later report adds nothing already counted
+    log.close()
+    assert summary["failures"] == {"pdf_error": 2, "read_error": 1}
+    labels = {"job": "job", "stage": "curate", "rank": "0"}
+    value = metrics.registry.get_sample_value
+    assert value("ps3_curate_failures_total", {**labels, "kind": "pdf_error"}) == 2
+    assert value("ps3_curate_failures_total", {**labels, "kind": "read_error"}) == 1
