@@ -196,7 +196,7 @@ def damaged_checkpoint(backend: LocalBackend, root: Path) -> dict:
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     backend.submit(noop_job(name, uri, steps_=30), [])
-    succeeded = backend.wait(name, follow=False, poll_s=0.3) == 0
+    succeeded = backend.wait(name, poll_s=0.3) == 0
     start = resumed_from(backend, name)
     fallback = int(succeeded and start == intact[-2])
     return {"fallback": fallback, "lost": max(0, intact[-2] - (start or 0))}
@@ -221,7 +221,7 @@ def data_outage(backend: LocalBackend, root: Path, store: SeaweedS3, outage_s: f
     store.stop()
     time.sleep(outage_s)
     store.start()
-    succeeded = backend.wait(name, follow=False, poll_s=0.5) == 0
+    succeeded = backend.wait(name, poll_s=0.5) == 0
     stage = backend.status(name).stages[0]
     return {"succeeded": int(succeeded), "read_retries": (stage.failures or {}).get("read_retries", 0),
             "restarts": stage.restarts, "lost": 0}
