@@ -205,7 +205,13 @@ class Trainer:
         return {"step": step, "total_steps": self.total_steps, "loss": round(loss, 6),
                 "samples_per_s": round(samples_per_s, 3), "eta_s": None if eta is None else round(eta, 1),
                 "committed_step": self.checkpointer.committed_step, "restarts": self.counters.resumes,
-                "attempt": self.counters.resumes, **self.restart.record(), "time": round(time.time(), 3)}
+                "attempt": self._attempt(), **self.restart.record(), "time": round(time.time(), 3)}
+
+    def _attempt(self) -> int:
+        """How many times this run has started again: resumes from a checkpoint (also across
+        resubmits), or the agent's restart count when a restart came before the first commit
+        (then nothing was resumed, yet steps are replayed)."""
+        return max(self.counters.resumes, self.world.restart_count)
 
     def _no_sync(self, model, sync: bool):
         """Reduce gradients once per optimizer step, not once per micro-batch."""
@@ -311,8 +317,8 @@ class Trainer:
             return
         bad = self._bad_on_every_rank()  # a collective: every rank logs on the same steps
         if self.world.is_main:
-            # attempt: resumes so far, so a step recomputed after a restart is told from its first run
-            record = {"step": step, "attempt": self.counters.resumes, "total": self.total_steps,
+            # attempt: a step recomputed after a restart is told from its first run
+            record = {"step": step, "attempt": self._attempt(), "total": self.total_steps,
                       "loss": round(stats.loss, 6), "lr": lr,
                       "grad_norm": round(stats.grad_norm, 4), "samples": self.counters.samples,
                       "samples_per_s": round(samples_per_s, 3), "step_seconds": round(stats.seconds, 4),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from pathlib import Path
 
@@ -106,6 +108,18 @@ def test_replayed_steps_carry_their_attempt(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [(r["step"], r["attempt"]) for r in records if "loss" in r]
     assert steps == [(6, 0), (6, 1)]  # the last step is always logged
+
+
+@pytest.mark.faults
+def test_a_restart_before_the_first_commit_is_a_new_attempt(tmp_path):
+    """Nothing to resume from, so the agent's restart count tells the replayed steps apart."""
+    import json
+
+    again = _trainer(tmp_path, steps=2, checkpoint=False)
+    again.world = dataclasses.replace(again.world, restart_count=1)  # as TORCHELASTIC_RESTART_COUNT=1 gives
+    again.train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["attempt"] for r in records if "loss" in r} == {1}
 
 
 def test_gradients_are_clipped_to_the_spec_norm(tmp_path):
