@@ -5,9 +5,8 @@
   question, low-res image tokens only, for the top-down prompt; pass 2: the whole sequence)
   over the same step with "after_image" (bottom-up selection, one LLM pass), on the same
   batch and the same selected-patch budget, so both give the LLM the same sequence.
-- tokens per image: `Selection.image_tokens` at the 1.5K default (NUM_LOOK_CLOSE=6: every
-  patch of 378/756/1512) and the 4K default (NUM_TOKEN_LOOK_CLOSE=10240), read from the
-  presets alone (no model is built).
+- tokens per image: `Selection.image_tokens` at the 1.5K and 4K training defaults (both
+  NUM_TOKEN_LOOK_CLOSE=10240, appendix C), read from the presets alone (no model is built).
 - 4K vs 1.5K: the step with the 4-scale preset over the step with the 3-scale one at the
   same selected-patch budget (the 3-scale preset's full budget), same LLM, same text. PS3
   encodes only the selected patches, so the goal is a ratio of at most 1.3.
@@ -46,8 +45,9 @@ from ps3.vila_hd.model import IGNORE, Selection, VilaHD
 
 #: Token ids of the random LLM: 0..3 are special (3 is <image>), 10 stands for the newline.
 IMAGE_TOKEN_ID, NEWLINE_TOKEN_ID, FIRST_TEXT_ID = 3, 10, 4
-#: The training defaults of `jobs/vila_hd_1.5k.yaml` and `jobs/vila_hd_4k.yaml`.
-DEFAULTS = {"1.5k": ("ps3-1.5k-siglip", Selection(num_look_close=6)),
+#: The training defaults of `jobs/vila_hd_1.5k.yaml` and `jobs/vila_hd_4k.yaml`: appendix C
+#: selects 10240 high-res patches per image at training in both.
+DEFAULTS = {"1.5k": ("ps3-1.5k-siglip", Selection(num_token_look_close=10240)),
             "4k": ("ps3-4k-siglip", Selection(num_token_look_close=10240))}
 
 
@@ -224,7 +224,7 @@ def print_tables(setup: Setup, result: dict, rows: list[tuple]) -> None:
         ("LLM (random Qwen2)", llm_text),
         ("conversations x text tokens", text),
         ("selected patches per image", f"{result['selected_patches']} (every patch of {setup.low})"),
-        ("1.5K default, NUM_LOOK_CLOSE=6", f"{result['tokens_per_image_1.5k']} tokens, {result['patches_1.5k']} patches"),
+        ("1.5K default, NUM_TOKEN_LOOK_CLOSE=10240", f"{result['tokens_per_image_1.5k']} tokens, {result['patches_1.5k']} patches"),
         ("4K default, NUM_TOKEN_LOOK_CLOSE=10240", f"{result['tokens_per_image_4k']} tokens, {result['patches_4k']} patches"),
         ("two_pass_overhead (two passes / one)", f"{result['two_pass_overhead']:.3f}"),
         ("step_time_ratio_4k_vs_1.5k (goal <= 1.3)", f"{result['step_time_ratio_4k_vs_1.5k']:.3f}"),

@@ -9,8 +9,11 @@ an option, an image that does not decode, a box outside its image, an unknown ca
 are counted and listed with where they came from, never scored.
 
 Writes to the run directory: `eval.json` (what `platformctl status -o json` shows under
-`eval`), `sweep.png` (accuracy and latency against % of patches), `answers-NAME.jsonl`
-(every answer at every setting) and `pictures/` (a few images with the selected patches).
+`eval`: the per-benchmark reports, the sweep's table, and at its top level the summary of
+`ps3.vila_hd.sweep.headline`: `accuracy_highres`, `accuracy_lowres`, `accuracy_chance`,
+`recall_topdown`, `recall_bottomup` and `n_questions`, pooled over every benchmark),
+`sweep.png` (accuracy and latency against % of patches), `answers-NAME.jsonl` (every answer
+at every setting) and `pictures/` (a few images with the selected patches).
 """
 
 from __future__ import annotations
@@ -33,11 +36,18 @@ from ps3.vila_hd.benchmarks import (
 from ps3.vila_hd.export import ExportError, is_vila_hd_export, load_vila_hd
 from ps3.vila_hd.infer import answer_batch, choose_options, draw_selection
 from ps3.vila_hd.model import Selection
-from ps3.vila_hd.sweep import Item, Setting, plot_sweep, run_setting, sweep_rows
+from ps3.vila_hd.sweep import (
+    Item,
+    Setting,
+    headline,
+    plot_sweep,
+    run_setting,
+    sweep_rows,
+)
 
 from .common import parse_params
-from .vila_hd import fresh_model
 from .params import BenchmarkParams, VilaHDEvalParams
+from .vila_hd import fresh_model
 
 
 def build(ctx: RunContext) -> TaskState:
@@ -51,9 +61,10 @@ def build(ctx: RunContext) -> TaskState:
         base = _base_selection(params)
         settings = _settings(params)
         drawn = next((s for s in settings if s.fraction != 0), settings[0])  # pictures show a selection
-        results, report = {}, {}
+        results, report, chances = {}, {}, []
         for bench in params.benchmarks:
             items, problems = _load_benchmark(bench)
+            chances += [1 / len(item.question.options) for item in items]
             ctx.log.info("%s: %d questions to score, %d problems", bench.name, len(items), len(problems))
             results[bench.name], answers = {}, []
             for setting in settings:
@@ -70,12 +81,14 @@ def build(ctx: RunContext) -> TaskState:
         rows = sweep_rows(results, settings, base, model)
         plot = ctx.run_dir / "sweep.png"
         plot_sweep(rows, plot)
-        evaluation = {"model": source, "benchmarks": report, "sweep": rows, "sweep_plot": str(plot)}
+        summary = headline(results, settings, base, model, chances)
+        evaluation = {"model": source, "benchmarks": report, "sweep": rows, "sweep_plot": str(plot), **summary}
         (ctx.run_dir / "eval.json").write_text(json.dumps(evaluation, indent=2, sort_keys=True))
         for row in rows:
             ctx.log.info("%-10s %-14s %5.1f%% patches: accuracy %.3f, recall %s, %.0f tokens/image, %.1f ms/question",
                          row["benchmark"], row["setting"], row["patches_pct"], row["accuracy"], row["recall"],
                          row["tokens_per_image"], 1000 * row["latency_s_per_question"])
+        ctx.log.info("summary over %d questions: %s", summary["n_questions"], json.dumps(summary, sort_keys=True))
         return {"benchmarks": len(report), "settings": len(settings)}
 
     return TaskState(run=run)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -144,9 +145,11 @@ class VilaHD(nn.Module):
         low = enc.encode_lowres(resize_square(images, enc.preset.scales[0]))
         feats = enc.selection_features(low, resize_square(images, enc.preset.selection_view_size))
         low_tokens = self._lowres_tokens(low.tokens)  # [N, n0, H]
+        ghosts = []
         prompt = None
-        if selection.mode == "after_prompt" and not dummy:
-            prompt = self.top_down_prompt(batch, low_tokens)[owner]  # [N, D]
+        if selection.mode == "after_prompt":
+            prompt, ghost = self._prompt_for_images(batch, low_tokens, owner, dummy)
+            ghosts += [ghost] if ghost is not None else []
         probs = enc.selection_probs(feats, prompt)
         if selection.smooth_selection_prob:
             probs = [smooth_probs(p) for p in probs]
@@ -155,16 +158,31 @@ class VilaHD(nn.Module):
             chosen = [torch.rand_like(p) for p in probs]
         if selection.gt_forced and not dummy:
             chosen = apply_gt_override(chosen, box_maps(batch["boxes"], batch["has_box"], enc.preset.grids[1:]))
-        highres, selected = self._highres_tokens(images, low, chosen, selection, batch.get("image_sizes"))
-        ghost = None
+        highres, selected, stand_in = self._highres_tokens(images, low, chosen, selection, batch.get("image_sizes"))
+        ghosts += [stand_in] if stand_in is not None else []
         if dummy:  # no image in this micro-batch: the tower ran anyway, its outputs count for nothing
-            ghost = 0.0 * (low_tokens.sum() + sum(t.sum() for t in highres) + sum(p.sum() for p in probs))
+            ghosts.append(0.0 * (low_tokens.sum() + sum(t.sum() for t in highres) + sum(p.sum() for p in probs)))
             low_tokens, highres = low_tokens[:0], highres[:0]
+        ghost = sum(ghosts) if ghosts else None
         sequences = [self._image_sequence(low_tokens[n], highres[n]) for n in range(len(low_tokens))]
         embeds, mask, labels = self._splice(batch, sequences)
         empty = embeds.new_zeros(())
         return embeds, mask, labels, VilaHDOutput(empty, empty, labels, probs, selected,
                                                   [len(s) for s in sequences], ghost)
+
+    def _prompt_for_images(self, batch: dict, low_tokens: torch.Tensor, owner: torch.Tensor, dummy: bool
+                           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(top-down prompt per image [N, D], ghost): pass 1 runs on every rank in top-down mode.
+
+        A micro-batch without images still runs pass 1, over its text alone, and throws the
+        prompt away (the stand-in image selects bottom-up): FSDP2 all-gathers each decoder
+        layer on every LLM forward, so a rank that skipped pass 1 would run one forward fewer
+        than its peers and they would wait for it forever.
+        """
+        if not dummy:
+            return self.top_down_prompt(batch, low_tokens)[owner], None
+        unused = self.top_down_prompt(batch, low_tokens[:0])  # [B, D]: no image to select for
+        return None, 0.0 * unused.sum()
 
     @torch.no_grad()
     def _prompt_state(self, batch: dict, low_tokens: torch.Tensor) -> torch.Tensor:
@@ -201,20 +219,26 @@ class VilaHD(nn.Module):
         return self.mm_projector.project(merged) + self.mm_projector.position(math.ceil(g / 2), 0)
 
     def _highres_tokens(self, images: torch.Tensor, low, probs: list[torch.Tensor], selection: Selection,
-                        image_sizes: torch.Tensor | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Kept high-res LLM tokens per image (list of [k_n, H]) and the encoded cells per scale."""
+                        image_sizes: torch.Tensor | None
+                        ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+        """Kept high-res LLM tokens per image (list of [k_n, H]), the encoded cells per scale, and
+        0 x a stand-in group's output (None without one): what keeps it in backward on every rank."""
         enc, p = self.vision_tower, self.vision_tower.preset
         n = images.shape[0]
         selected = [torch.zeros(n, g, g, dtype=torch.bool, device=images.device) for g in p.grids[1:]]
         canvases = [images.new_zeros(n, g * g, p.width) for g in p.grids[1:]]
         highres = [resize_square(images, s) for s in p.scales[1:]]
-        for rows, budgets in self._groups(selection, image_sizes, n, images.device):
+        ghost = None
+        for rows, budgets, stand_in in self._groups(selection, image_sizes, n, images.device):
             looks = count_looks(enc, selection.num_look_close, selection.num_token_look_close, sum(budgets))
-            if not looks or not len(rows):
+            if not looks:
                 continue
             part = _subset_lowres(low, rows)
             idx_parts, tok_parts = run_looks(enc, part, [pr[rows] for pr in probs], [h[rows] for h in highres],
                                              looks, budgets)
+            if stand_in:  # run for equal forwards only: its cells are not the image's selection
+                ghost = 0.0 * sum(t.sum() for parts in tok_parts for t in parts)
+                continue
             for s, (idx, tok) in enumerate(zip(idx_parts, tok_parts)):
                 idx, tok = torch.cat(idx, 1), torch.cat(tok, 1).to(canvases[s].dtype)
                 grid = canvases[s][rows].scatter(1, idx[..., None].expand_as(tok), tok)
@@ -230,22 +254,23 @@ class VilaHD(nn.Module):
             tokens = tokens + self.mm_projector.position(math.ceil(g / 2), s + 1)[keep.nonzero()[:, 1]]
             for i, chunk in enumerate(tokens.split(keep.sum(1).tolist())):
                 per_image[i].append(chunk)
-        return [torch.cat(parts) for parts in per_image], selected
+        return [torch.cat(parts) for parts in per_image], selected, ghost
 
     def _groups(self, selection: Selection, image_sizes: torch.Tensor | None, n: int, device
-                ) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
-        """(image rows, per-look budgets per scale) groups that select alike.
+                ) -> list[_Group]:
+        """Groups of images that select alike, each with its per-look budgets per scale.
 
         With dynamic resolution (three or more high-res scales), images whose long side is
         under the midpoint of the top two scales give the top scale's budget to the others in
-        proportion to their area. Both groups always run, a stand-in image for an empty one,
-        so every rank runs the same forwards whatever its images' sizes.
+        proportion to their area. Both groups always run, so every rank runs the same forwards
+        whatever its images' sizes: an empty group runs on image 0 as a stand-in, and its
+        output is thrown away (it would otherwise overwrite image 0's own selection).
         """
         enc, p = self.vision_tower, self.vision_tower.preset
         budgets = selection.budgets(enc)
         everyone = torch.arange(n, device=device)
         if not selection.dynamic_resolution or p.num_highres_scales < 2 or image_sizes is None:
-            return [(everyone, budgets)]
+            return [_Group(everyone, budgets, stand_in=False)]
         small = image_sizes.max(dim=1).values.to(device) < (p.scales[-2] + p.scales[-1]) / 2
         areas = [s * s for s in p.scales[1:-1]]
         total = sum(budgets)
@@ -253,7 +278,8 @@ class VilaHD(nn.Module):
         lower[-1] += total - sum(lower)
         groups = []
         for rows, group_budgets in ((everyone[small], (*lower, 0)), (everyone[~small], budgets)):
-            groups.append((rows if len(rows) else everyone[:1], group_budgets))
+            empty = not len(rows)
+            groups.append(_Group(everyone[:1] if empty else rows, group_budgets, stand_in=empty))
         return groups
 
     def _image_sequence(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -294,6 +320,14 @@ class VilaHD(nn.Module):
         if upto_prompt_end:
             return embeds, attention, padded, torch.tensor(ends, device=ids.device)
         return embeds, attention, padded
+
+
+class _Group(NamedTuple):
+    """Images that select alike (`VilaHD._groups`)."""
+
+    rows: torch.Tensor  # indices of the micro-batch's images
+    budgets: tuple[int, ...]  # per-look patches per high-res scale
+    stand_in: bool  # no image of the micro-batch is in it: runs on image 0, output discarded
 
 
 def _owners(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:

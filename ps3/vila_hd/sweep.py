@@ -118,6 +118,50 @@ def sweep_rows(results: dict[str, dict[str, dict]], settings: Sequence[Setting],
     return rows
 
 
+def headline(results: dict[str, dict[str, dict]], settings: Sequence[Setting], base: Selection, model: VilaHD,
+             chances: Sequence[float]) -> dict:
+    """The figures the quickstart is judged by (issue 15, item 7), pooled over every benchmark
+    (each scored question counts once, whichever benchmark it is in).
+
+    `accuracy_highres` is top-down accuracy at the stage's own budget (the setting swept without
+    a share, or else the swept share whose patch count is nearest it), `accuracy_lowres` the
+    low-res-only setting's, `accuracy_chance` the mean of 1 / options; `recall_topdown` and
+    `recall_bottomup` are selection recall at that same budget. A figure whose setting was not
+    swept (or whose questions carry no box) is None; `chances` has one entry per scored question.
+    """
+    top = _nearest_budget([s for s in settings if s.kind == MODE_NAMES["after_prompt"]], base, model)
+    bottom = None if top is None else Setting("after_image", top.fraction)
+    low = next((s for s in settings if s.kind == LOWRES), None)
+    return {"accuracy_highres": _pooled_accuracy(results, top), "accuracy_lowres": _pooled_accuracy(results, low),
+            "accuracy_chance": round(sum(chances) / len(chances), 4) if chances else None,
+            "recall_topdown": _pooled_recall(results, top), "recall_bottomup": _pooled_recall(results, bottom),
+            "n_questions": len(chances), "headline_setting": None if top is None else top.name}
+
+
+def _nearest_budget(candidates: Sequence[Setting], base: Selection, model: VilaHD) -> Setting | None:
+    """The setting whose patches per image are nearest the stage's own budget."""
+    enc = model.vision_tower
+
+    def patches(selection: Selection) -> int:
+        return selection.patches(enc) if looks_close(selection) else 0
+
+    own = patches(base)
+    return min(candidates, key=lambda s: abs(patches(s.selection(base, model)) - own), default=None)
+
+
+def _pooled_accuracy(results: dict[str, dict[str, dict]], setting: Setting | None) -> float | None:
+    summaries = [] if setting is None else [b[setting.name] for b in results.values() if setting.name in b]
+    n = sum(s["n"] for s in summaries)
+    return round(sum(s["correct"] for s in summaries) / n, 4) if n else None
+
+
+def _pooled_recall(results: dict[str, dict[str, dict]], setting: Setting | None) -> float | None:
+    summaries = [] if setting is None else [b[setting.name] for b in results.values() if setting.name in b]
+    boxed = [s for s in summaries if s["recall"] is not None]
+    n = sum(s["n_with_boxes"] for s in boxed)
+    return round(sum(s["recall"] * s["n_with_boxes"] for s in boxed) / n, 4) if n else None
+
+
 def plot_sweep(rows: Sequence[dict], path) -> None:
     """Accuracy and latency against % of high-res patches, one line per (benchmark, mode)."""
     import matplotlib

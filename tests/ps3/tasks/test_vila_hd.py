@@ -53,6 +53,13 @@ def test_quickstart_pipeline_runs_every_stage_from_the_previous_one(platform_hom
     assert set(rows) == {"lowres", "topdown@12%", "bottomup@12%", "random@12%"}
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows.values())
     assert 0.0 <= rows["topdown@12%"]["recall"] <= 1.0
+    # issue 15 item 7: the quickstart's figures under `eval`, top-down at the budget nearest SFT's
+    assert evaluation["n_questions"] == 8 and evaluation["headline_setting"] == "topdown@12%"
+    assert evaluation["accuracy_highres"] == rows["topdown@12%"]["accuracy"]
+    assert evaluation["accuracy_lowres"] == rows["lowres"]["accuracy"]
+    assert evaluation["accuracy_chance"] == 0.25  # four colours
+    assert evaluation["recall_topdown"] == rows["topdown@12%"]["recall"]
+    assert evaluation["recall_bottomup"] == rows["bottomup@12%"]["recall"]
     assert (run / "evaluate" / "sweep.png").exists()
     for stage, wanted in EXPECTED_TRAINABLE.items():
         log = "".join(p.read_text() for p in (run / "logs" / stage).rglob("stderr.log"))

@@ -71,6 +71,22 @@ def test_eval_stage_sweeps_settings_and_reports_through_status(platform_home, be
     rows = {(r["benchmark"], r["setting"]): r for r in evaluation["sweep"]}
     settings = ["lowres", "topdown@12%", "bottomup@12%", "random@12%"]
     assert set(rows) == {(b, s) for b in ("pro", "vstar") for s in settings}
+    # the summary the quickstart is judged by, pooled over both benchmarks (5 + 2 questions)
+    assert evaluation["n_questions"] == 7 and evaluation["headline_setting"] == "topdown@12%"
+
+    def pooled(setting: str) -> float:
+        return round(sum(rows[b, setting]["accuracy"] * rows[b, setting]["n"] for b in ("pro", "vstar")) / 7, 4)
+
+    assert evaluation["accuracy_highres"] == pytest.approx(pooled("topdown@12%"), abs=1e-3)
+    assert evaluation["accuracy_lowres"] == pytest.approx(pooled("lowres"), abs=1e-3)
+    assert evaluation["accuracy_chance"] == 0.25  # four options each
+    for key in ("accuracy_highres", "accuracy_lowres", "recall_topdown", "recall_bottomup"):
+        assert 0.0 <= evaluation[key] <= 1.0, key
+    for key, setting in (("recall_topdown", "topdown@12%"), ("recall_bottomup", "bottomup@12%")):
+        summaries = [evaluation["benchmarks"][b]["settings"][setting] for b in ("pro", "vstar")]
+        boxed = sum(x["n_with_boxes"] for x in summaries)
+        assert evaluation[key] == pytest.approx(sum(x["recall"] * x["n_with_boxes"] for x in summaries) / boxed,
+                                                abs=1e-3)
     assert rows["pro", "lowres"]["recall"] is None and rows["pro", "lowres"]["patches_pct"] == 0.0
     for setting in settings[1:]:
         row = rows["pro", setting]

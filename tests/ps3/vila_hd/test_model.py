@@ -8,7 +8,7 @@ import torch
 from ps3.model import PS3VisionEncoder, get_preset
 from ps3.vila_hd.llm import build_tiny_llm, load_llm
 from ps3.vila_hd.losses import selection_loss, selection_recall
-from ps3.vila_hd.model import IGNORE, Selection, VilaHD, box_maps
+from ps3.vila_hd.model import IGNORE, Selection, VilaHD, box_maps, smooth_probs
 from ps3.vila_hd.projector import merge_2x2, whole_blocks
 
 
@@ -126,6 +126,76 @@ def test_dynamic_resolution_keeps_small_images_off_the_top_scale(llm):
     assert top[0] == 0 and top[1] > 0
     assert [int(s.flatten(1).sum(1)[0]) for s in out.selected] != [0, 0, 0]
     assert sum(int(s[0].sum()) for s in out.selected) == sum(int(s[1].sum()) for s in out.selected)
+
+
+def test_dynamic_resolution_discards_the_stand_in_of_an_empty_group(llm):
+    model = _model(llm, preset="ps3-tiny-4s")
+    vision_forwards = []
+    model.vision_tower.trunk.blocks[0].register_forward_hook(lambda m, a, out: vision_forwards.append(1))
+    model(_batch(llm, size=512, sizes=((300, 200), (2000, 1500))), Selection(dynamic_resolution=True))  # mixed
+    mixed_forwards = len(vision_forwards)
+    vision_forwards.clear()
+    small = model(_batch(llm, size=512, sizes=((300, 200), (350, 200))), Selection(dynamic_resolution=True))
+    assert len(vision_forwards) == mixed_forwards  # the empty large group still runs, on a stand-in
+    assert small.selected[-1].sum() == 0  # but image 0 keeps its own selection: none at the top scale
+    per_image = [sum(int(s[i].sum()) for s in small.selected) for i in range(2)]
+    assert per_image[0] == per_image[1] > 0
+    assert small.image_tokens[0] == small.image_tokens[1]
+    assert small.ghost is not None and float(small.ghost) == 0.0
+    (small.lm_loss + small.ghost).backward()  # the stand-in is in backward on every rank too
+
+
+@pytest.mark.parametrize("mode", ["after_prompt", "after_image"])
+def test_a_micro_batch_without_images_runs_the_llm_as_often_as_one_with_images(llm, mode):
+    model = _model(llm)
+    batch = _batch(llm)
+    text_only = dict(batch, images=batch["images"][:0], input_ids=torch.tensor([[5, 6, 7, 8]]),
+                     attention_mask=torch.ones(1, 4), labels=torch.tensor([[IGNORE, IGNORE, 7, 8]]),
+                     prompt_end=torch.tensor([1]), boxes=batch["boxes"][:0], has_box=batch["has_box"][:0],
+                     image_sizes=batch["image_sizes"][:0])
+    calls = []
+    handle = model.llm.register_forward_hook(lambda m, a, out: calls.append(1))
+    model(batch, Selection(mode=mode))
+    with_images = len(calls)
+    calls.clear()
+    out = model(text_only, Selection(mode=mode))
+    handle.remove()
+    assert len(calls) == with_images == (2 if mode == "after_prompt" else 1)  # FSDP2 all-gathers per forward
+    assert out.image_tokens == [] and float(out.ghost) == 0.0
+    (out.lm_loss + out.ghost).backward()
+    if mode == "after_prompt":  # the discarded prompt keeps the head in backward like its peers'
+        assert model.mm_projector.top_down_prompt_head.weight.grad is not None
+
+
+def test_smoothing_spreads_selection_over_whole_regions(llm):
+    probs = torch.zeros(1, 12, 12)
+    probs[0, 0, 0] = 1.0
+    smooth = smooth_probs(probs)  # 6x6 regions of 2x2 cells
+    assert smooth[0, :2, :2].tolist() == [[0.25, 0.25]] * 2 and smooth.sum() == 1.0
+    assert smooth[0, 2:].sum() == 0 and smooth[0, :, 2:].sum() == 0
+    flat = torch.full((2, 16, 16), 0.3)
+    assert torch.allclose(smooth_probs(flat), flat)  # a flat map stays flat
+    model = _model(llm)
+    plain = model(_batch(llm), Selection(mode="after_image"))
+    smoothed = model(_batch(llm), Selection(mode="after_image", smooth_selection_prob=True))
+    for raw, even in zip(plain.selection_probs, smoothed.selection_probs):
+        assert even.shape == raw.shape
+        assert all(len(m.unique()) <= 36 < len(r.unique()) for m, r in zip(even, raw))
+    assert any(not torch.equal(a, b) for a, b in zip(plain.selected, smoothed.selected))
+
+
+def test_context_grows_with_the_token_budget(llm):
+    enc = _model(llm).vision_tower
+    low = 16 + 1  # low-res tokens and the newline
+    budgets = [0, 40, 80, 200, 1280, 5000]
+    tokens = [Selection(num_look_close=0, num_token_look_close=b or None).image_tokens(enc) for b in budgets]
+    assert tokens == [low, low + 10, low + 20, low + 50, low + 320, low + 320]  # capped at every patch
+    assert Selection(num_look_close=1, num_token_look_close=200).patches(enc) == 200  # the token count wins
+    model = _model(llm)
+    for budget in (40, 200):
+        out = model(_batch(llm), Selection(num_token_look_close=budget))
+        assert [int(sum(s[i].sum() for s in out.selected)) for i in range(2)] == [budget, budget]
+        assert all(low < t <= Selection(num_token_look_close=budget).image_tokens(enc) for t in out.image_tokens)
 
 
 def test_box_maps_mark_every_touched_cell():
