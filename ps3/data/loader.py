@@ -204,7 +204,7 @@ class _MicroBatches(IterableDataset):
         planner = BatchPlanner(self.infos, self.config.global_batch, self.config.seed,
                                self.config.global_caption_fraction)
         planner.load_state_dict(self.start.planner)
-        spans = self.plan.micro_spans(self.rank)
+        spans = [self.plan.read_span(self.rank, a) for a in range(self.plan.accumulation)]
         n, micro = 0, self.start.micro  # n counts micro-batches from the start position
         while True:
             slots = planner.next_batch()

@@ -45,7 +45,7 @@ class RegressionStream:
         return x, y.reshape(1)
 
     def __next__(self) -> dict:
-        start, stop = self.plan.micro_spans(self.rank)[self.micro_index]
+        start, stop = self.plan.read_span(self.rank, self.micro_index)
         pairs = [self._sample(self.position + i) for i in range(start, stop)]
         step = self.position // self.plan.global_batch
         self.micro_index += 1

@@ -318,7 +318,7 @@ class _MicroBatches(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         planner = _StepPlanner(self.groups, self.config.global_batch, self.config.seed)
         planner.load_state_dict(self.start.planner)
-        spans = self.plan.micro_spans(self.rank)
+        spans = [self.plan.read_span(self.rank, a) for a in range(self.plan.accumulation)]
         n, micro = 0, self.start.micro  # n counts micro-batches from the start position
         while True:
             kind, slots = planner.next_batch()

@@ -179,7 +179,7 @@ class Trainer:
                 (result.loss * weight).backward()
             weighted_loss += weight * float(result.loss.detach())
             start, stop = plan.micro_spans(rank)[micro]
-            samples += result.samples or stop - start
+            samples += (result.samples or stop - start) if stop > start else 0  # a stand-in counts nothing
             tokens += result.tokens
             extra = result.metrics
         loss = self._global_mean(weighted_loss)

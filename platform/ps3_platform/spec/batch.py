@@ -12,6 +12,8 @@ one, so a rank with fewer would hang the others), and each rank spreads its shar
 them as evenly as it goes, so micro-batches differ by at most one sample. Because shares
 differ, each micro-batch's mean loss is weighted by its sample count (`loss_weight`): the
 step's gradient is then exactly the mean over the global batch, as with an even split.
+With micro-batches of one sample a short rank has a forward with no sample of its own: it
+reads the sample before (`read_span`) and weights that forward 0, so it still runs.
 """
 
 from __future__ import annotations
@@ -60,8 +62,15 @@ class BatchPlan:
             start += size
         return spans
 
+    def read_span(self, rank: int, micro: int) -> tuple[int, int]:
+        """What forward `micro` reads: its span, or for an empty one the sample before it (a
+        stand-in whose loss weight is 0: the forward runs so that every rank runs as many)."""
+        start, stop = self.micro_spans(rank)[micro]
+        return (start, stop) if stop > start else (start - 1, start)
+
     def micro_sizes(self, micro: int) -> list[int]:
-        """The sample count of forward `micro` on every rank (what a cross-rank loss exchanges)."""
+        """The sample count of forward `micro` on every rank (what a cross-rank loss exchanges;
+        0 for a stand-in forward, whose sample must not count for the others either)."""
         return [b - a for a, b in (self.micro_spans(rank)[micro] for rank in range(self.world_size))]
 
     def loss_weight(self, rank: int, micro: int) -> float:
@@ -87,12 +96,7 @@ def plan_batch(global_batch: int, world_size: int, max_micro_batch: int | None =
     if global_batch < world_size:
         raise BatchPlanError(f"global batch {global_batch} is smaller than world size {world_size}: "
                              "every rank needs at least one sample; raise train.globalBatch or use fewer ranks")
-    largest, smallest = -(-global_batch // world_size), global_batch // world_size
+    largest = -(-global_batch // world_size)
     cap = min(largest, max_micro_batch or largest)
     accumulation = -(-largest // cap)
-    if smallest < accumulation:
-        raise BatchPlanError(
-            f"global batch {global_batch} over world size {world_size} gives shares of {smallest} and {largest}, "
-            f"and micro-batches of {cap} need {accumulation} forwards: a rank would run an empty one; "
-            f"raise train.microBatch or use a world size that divides {global_batch}")
     return BatchPlan(global_batch, world_size, -(-largest // accumulation), accumulation)

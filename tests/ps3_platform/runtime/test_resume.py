@@ -33,16 +33,16 @@ spec:
   resources: {{pool: cpu, procsPerNode: {procs}}}
   elastic: {{minNodes: 1, maxNodes: 1, maxRestarts: 3}}
   checkpoint: {{uri: "{uri}", intervalSteps: 5, keep: 2, async: {async_}}}
-  train: {{globalBatch: 8, microBatch: 2, steps: {steps}, optimizer: {{lr: 0.02}}, seed: 3}}
+  train: {{globalBatch: 8, microBatch: {micro}, steps: {steps}, optimizer: {{lr: 0.02}}, seed: 3}}
   data: {{seed: 7}}
   params: {{stepSeconds: {step_seconds}}}
   monitoring: {{logEverySteps: 1}}
 """
 
 
-def _job(name, uri, *, procs=2, steps=30, step_seconds=0.03, async_="false"):
+def _job(name, uri, *, procs=2, steps=30, step_seconds=0.03, async_="false", micro=2):
     return load_text(SPEC.format(name=name, uri=uri, procs=procs, steps=steps, step_seconds=step_seconds,
-                                 async_=async_)).job
+                                 async_=async_, micro=micro)).job
 
 
 def _wait_for(predicate, timeout=180.0, what="condition"):
@@ -242,16 +242,17 @@ def test_fsdp2_and_bf16_run_checkpoint_and_resume(tmp_path):
 
 def test_world_sizes_that_do_not_divide_the_batch_take_the_same_first_step(tmp_path):
     """globalBatch 8 over 1, 3 and 5 ranks (shares 8; 3/3/2; 2/2/2/1/1, in forwards of at
-    most 2): the loss weights make each step's gradient the global mean, so the parameters
-    after the first optimizer step agree; the job then resumes on another such world size."""
+    most 2, and on 3 ranks in forwards of 1, where the short rank's third forward is a
+    stand-in weighted 0): the loss weights make each step's gradient the global mean, so the
+    parameters after the first optimizer step agree."""
     backend, uri = LocalBackend(), f"file://{tmp_path}/ckpt"
     after = {}
-    for procs in (1, 3, 5):
-        name = f"ranks{procs}"
-        _run(backend, _job(name, uri, procs=procs, steps=1, step_seconds=0))
-        after[procs], counters = _final_state(uri, name)
+    for procs, micro in ((1, 2), (3, 2), (5, 2), (3, 1)):
+        name = f"ranks{procs}-micro{micro}"
+        _run(backend, _job(name, uri, procs=procs, steps=1, step_seconds=0, micro=micro))
+        after[procs, micro], counters = _final_state(uri, name)
         assert counters.samples == 8
-    for procs in (3, 5):
-        for key, value in after[1].items():
-            assert torch.allclose(after[procs][key], value, rtol=1e-5, atol=1e-6), (procs, key)
-        assert not torch.equal(after[procs]["hidden.weight"], Regressor(16).state_dict()["hidden.weight"])
+    for key, value in after[1, 2].items():
+        for run in ((3, 2), (5, 2), (3, 1)):
+            assert torch.allclose(after[run][key], value, rtol=1e-5, atol=1e-6), (run, key)
+    assert not torch.equal(after[1, 2]["hidden.weight"], Regressor(16).state_dict()["hidden.weight"])
