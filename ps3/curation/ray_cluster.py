@@ -85,8 +85,10 @@ def _stop(proc: subprocess.Popen) -> None:
 def embedded(num_cpus: int | None, num_gpus: int, temp_dir: str) -> Iterator[None]:
     import ray
 
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _temp_dir=temp_dir,
-             configure_logging=False)
+    # address="local": always a Ray of our own, even when another one runs on this machine
+    # (ray.init() would otherwise join that one and refuse our CPU and GPU counts)
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+             _temp_dir=temp_dir, configure_logging=False)
     try:
         yield
     finally:
