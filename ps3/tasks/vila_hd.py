@@ -25,13 +25,12 @@ from ps3.vila_hd.export import (
 )
 from ps3.vila_hd.llm import LLMError, load_llm
 from ps3.vila_hd.losses import selection_loss, selection_recall
-from ps3.vila_hd.model import Selection, VilaHD
+from ps3.vila_hd.model import SELECTION_MODULES, Selection, VilaHD
 from ps3.vila_hd.params import MODULES, VilaHDParams
 
 from .common import init_weights, parse_params, preset_for, to_device, unwrap
 
 #: PS3's selection modules (the released `token_selection_param_names`; the prior prompt is not one).
-SELECTION_MODULES = ("selection_feature_proj", "highres_selection_feature_module", "prompt_proj_for_highres")
 __all__ = ["MODULES", "SELECTION_MODULES", "build", "freeze_except", "fresh_model", "module_parameters"]
 
 
@@ -138,8 +137,6 @@ def build(ctx: RunContext) -> TaskState:
     for info, spec in zip(data.source_sizes(), sources):
         ctx.log.info("source %s: %d conversations, weight %g, %s", info.name, info.size, info.weight, spec.uri)
     model = ctx.parallelize(model)
-    inner = unwrap(model)
-    small = [p for p in [*inner.mm_projector.parameters(), *module_parameters(inner)["selection"]] if p.requires_grad]
     optimizer = ctx.build_optimizer([p for p in model.parameters() if p.requires_grad])
     grids = enc.preset.grids[1:]
 
@@ -148,9 +145,8 @@ def build(ctx: RunContext) -> TaskState:
         out = model(batch, selection)
         sel = selection_loss(out.selection_probs, batch["boxes"], batch["has_box"], grids)
         loss = params.lm_loss_weight * out.lm_loss + params.selection_loss_weight * sel["loss"]
-        # Parameters a micro-batch leaves unused (a scale with no whole block, the head in a
-        # bottom-up stage) still take part in backward: DDP and FSDP need every rank alike.
-        loss = loss + 0.0 * sum(p.sum() for p in small) + (out.ghost if out.ghost is not None else 0.0)
+        # what the micro-batch left unused still takes part in backward (VilaHD's ghost)
+        loss = loss + (out.ghost if out.ghost is not None else 0.0)
         recall = selection_recall(out.selected, batch["boxes"], batch["has_box"], grids)
         figures = {"lm_loss": float(out.lm_loss.detach()), "selection_loss": float(sel["loss"].detach()),
                    "image_tokens": sum(out.image_tokens) / max(1, len(out.image_tokens))}

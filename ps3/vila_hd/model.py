@@ -115,7 +115,24 @@ class VilaHD(nn.Module):
         embeds, mask, labels, out = self.embed(batch, selection)
         logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits
         out.lm_loss, out.logits, out.labels = causal_lm_loss(logits, labels), logits, labels
+        if torch.is_grad_enabled():
+            out.ghost = self._unused_in_graph() + (out.ghost if out.ghost is not None else 0.0)
         return out
+
+    def _unused_in_graph(self) -> torch.Tensor:
+        """0 x every trainable projector and selection parameter and PS3's bottom-up prior.
+
+        A micro-batch may leave some of them unused (a scale with no whole block, the prompt
+        head in a bottom-up stage, the prior in a top-down one unless a stand-in image selects
+        bottom-up), and DDP and FSDP need every rank to reduce the same set of
+        gradients. It is taken here, inside forward, where FSDP2 has put the unsharded
+        parameters on the modules: outside it they are sharded DTensors, which the loss must
+        not mix with its plain tensors.
+        """
+        vision = self.vision_tower
+        params = [*self.mm_projector.parameters(), vision.prior_prompt,
+                  *(p for name in SELECTION_MODULES for p in getattr(vision, name).parameters())]
+        return 0.0 * sum(p.sum() for p in params if p.requires_grad)
 
     @torch.no_grad()
     def generate(self, batch: dict, selection: Selection, *, max_new_tokens: int = 16) -> tuple[torch.Tensor, VilaHDOutput]:
@@ -320,6 +337,10 @@ class VilaHD(nn.Module):
         if upto_prompt_end:
             return embeds, attention, padded, torch.tensor(ends, device=ids.device)
         return embeds, attention, padded
+
+
+SELECTION_MODULES = ("selection_feature_proj", "highres_selection_feature_module", "prompt_proj_for_highres")
+"""The PS3 modules that make selection maps (the selection stage's trainable unit)."""
 
 
 class _Group(NamedTuple):

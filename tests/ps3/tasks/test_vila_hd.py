@@ -177,6 +177,27 @@ def test_a_stage_killed_mid_run_resumes_exactly(tmp_path, platform_home):
     assert losses("killed")[8] == losses("straight")[8]  # the same data, weights and optimizer state
 
 
+def test_a_stage_trains_under_fsdp2_on_two_ranks(tmp_path, platform_home):
+    """parallelism: fsdp, as the full-size specs ask (PS3 blocks and LLM layers sharded): the
+    ghost terms are taken inside forward, where FSDP2's parameters are plain tensors."""
+    from ps3.data.synth import SynthConfig
+    from ps3.vila_hd.synth import generate_vqa
+    from ps3_platform.backends.local import LocalBackend
+    from ps3_platform.spec import load_text
+
+    data = tmp_path / "data"
+    generate_vqa(f"file://{data}", train=8, eval=0, grounding=0, seed=0, cfg=SynthConfig(scene_size=(512, 640)),
+                 samples_per_shard=8)
+    build_tiny_llm(str(data / "llm"), (data / "texts.txt").read_text().splitlines())
+    spec = KILL_SPEC.format(name="sharded", data=data, ckpt=tmp_path / "ckpt")
+    spec = spec.replace("steps: 8,", "steps: 2, parallelism: fsdp,").replace(
+        "selectionLossWeight: 1.0}", "selectionLossWeight: 1.0, lookCloseMode: after_prompt}")
+    backend = LocalBackend()
+    backend.submit(load_text(spec).job, [])
+    assert backend.wait("sharded", poll_s=0.3) == 0, "".join(backend.logs("sharded", rank=0))
+    assert "FSDP2 fully_shard" in "".join(backend.logs("sharded", rank=0))
+
+
 def test_import_llava_stage_writes_shards_and_counts_skips(platform_home, tmp_path, capsys):
     import io
 
