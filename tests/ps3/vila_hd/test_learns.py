@@ -75,7 +75,8 @@ def test_selection_training_raises_top_down_recall_on_held_out_questions(tmp_pat
                                          tokenizer=llm.tokenizer, image_size=256, max_length=512, image_tokens=40,
                                          rank=0, world_size=1, global_batch=16, micro_batch=16, seed=0)
 
-    held_out = [next(batches("eval", "qa")) for _ in range(3)]
+    questions = batches("eval", "qa")
+    held_out = [next(questions) for _ in range(3)]  # the 48 held-out questions, one epoch
     torch.manual_seed(0)
     newline = llm.tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
     model = VilaHD(PS3VisionEncoder(get_preset("ps3-tiny")), llm.model, image_token_id=llm.image_token_id,
@@ -87,6 +88,7 @@ def test_selection_training_raises_top_down_recall_on_held_out_questions(tmp_pat
     def recall() -> float:
         model.eval()
         hits = [selection_recall(model(b, top_down).selected, b["boxes"], b["has_box"], grids) for b in held_out]
+        assert sum(len(h) for h in hits) == 48
         model.train()
         return float(torch.cat(hits).mean())
 
@@ -100,4 +102,5 @@ def test_selection_training_raises_top_down_recall_on_held_out_questions(tmp_pat
         selection_loss(out.selection_probs, batch["boxes"], batch["has_box"], grids)["loss"].backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert recall() >= before + 0.2, before  # measured: 0.08 -> 0.38
+    after = recall()
+    assert after >= before + 0.2, (before, after)  # measured on the 48: 0.083 -> 0.364
