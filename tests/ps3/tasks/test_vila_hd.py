@@ -229,3 +229,25 @@ spec:
     assert meta["id"] == "x1" and len(images) == 1
     record = json.loads((platform_home / "runs" / "imp" / "train" / "import.json").read_text())
     assert record == {"written": 1, "skipped": {"missing_image": 1}}
+
+
+def test_a_missing_llm_stops_the_worker_at_start_in_one_line(tmp_path):
+    """A spec problem only the worker can see (the LLM path is remote at validate): exit 2 with
+    one line naming params.llm, before any step, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from ps3_platform.spec import load_text, resolved
+
+    spec = tmp_path / "spec.yaml"
+    job = load_text(KILL_SPEC.format(name="nollm", data=tmp_path / "data", ckpt=tmp_path / "ckpt")).job
+    job.spec.params["llm"] = f"file://{tmp_path}/no-such-llm"
+    spec.write_text(json.dumps(resolved(job)))
+    env = {**os.environ, "PS3_RUN_DIR": str(tmp_path / "run"), "PS3_METRICS_PORT": "0"}
+    proc = subprocess.run([sys.executable, "-m", "ps3_platform.runtime", "--spec", str(spec), "--stage", "train"],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (error,) = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert "params.llm" in error and "no-such-llm" in error, error
