@@ -15,7 +15,7 @@ PIP    := $(PY) -m pip
 TORCH  := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install install-test system-deps ocr-deps quickstart curate-quickstart test bench-quick clean faults image
+.PHONY: install install-test system-deps ocr-deps quickstart curate-quickstart test bench-quick clean faults image rehearse
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -79,6 +79,13 @@ image: install
 	$(if $(filter buildah,$(ENGINE)),buildah $(BUILDAH_FLAGS) bud,$(ENGINE) build) \
 	  -f Containerfile -t "$$($(PY) -c 'from ps3_platform.compile.options import default_image; print(default_image())')" \
 	  $(BUILD_ARGS) .
+
+# Pod rehearsal (issue 17): the rendered Master and Worker pods of a 2-node job as two buildah containers
+# of that image (read-only root, uid 1000, credentials from env), SeaweedFS S3, kill -9, resume.
+# Not in CI: building the 7.4 GB image takes ~8 minutes and needs buildah + mmdebstrap. Reuses the
+# image when buildah has it; REHEARSE_BUILD=1 rebuilds it first. Runs as root. See ops/rehearse.py.
+rehearse: install
+	REHEARSE_TORCH="$(TORCH)" $(PY) ops/rehearse.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

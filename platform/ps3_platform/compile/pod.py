@@ -3,6 +3,11 @@
 Every replica (Master and Worker) uses the same template; the training operator adds
 the rendezvous environment (`PET_*`, `MASTER_ADDR`, ...) that torchrun reads, so the
 command carries no distributed flags.
+
+The root filesystem is read-only: a worker writes only to its emptyDirs, `/tmp` (the run
+directory, torchrun's error files, Ray's session), `$HOME` (library caches: Triton,
+Hugging Face, matplotlib) and `/dev/shm` (checkpoint staging, data loader tensors).
+`make rehearse` (ops/rehearse.py) runs these pods' command under exactly that layout.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ RDZV_PORT_NAME = "pytorchjob-port"
 RDZV_PORT = 23456
 METRICS_PORT_NAME = "metrics"
 SHM_VOLUME = "dshm"
+#: Writable emptyDirs under the read-only root: volume name -> mount path.
+SCRATCH_VOLUMES = {"tmp": "/tmp", "home": "/home/ps3"}
+#: The image's home (Containerfile); set in the env too, so any image's caches land in the emptyDir.
+HOME_DIR = SCRATCH_VOLUMES["home"]
 #: Numeric ids so `runAsNonRoot` can be verified even for images whose USER is a name.
 RUN_AS_ID = 1000
 #: Environment the compiler derives from spec.storage (a stage's env may not set these).
@@ -37,10 +46,11 @@ def command(stage_name: str) -> list[str]:
 
 
 def _env(job: JobSpec, stage: Stage, grace_seconds: int) -> list[dict]:
-    """Stage env (sorted, so output is stable), the agent's shutdown timeout, then storage settings.
+    """Stage env (sorted, so output is stable), HOME, the agent's shutdown timeout, then storage settings.
 
-    Credentials only by reference. The shutdown timeout is how long torchrun lets workers
-    finish their SIGTERM checkpoint before it kills them: most of the pod's grace period.
+    Credentials only by reference. HOME is the writable home emptyDir unless the stage sets
+    it. The shutdown timeout is how long torchrun lets workers finish their SIGTERM
+    checkpoint before it kills them: most of the pod's grace period.
     """
     storage = storage_of(job)
     clash = sorted(set(stage.env) & set(PLATFORM_ENV))
@@ -48,6 +58,8 @@ def _env(job: JobSpec, stage: Stage, grace_seconds: int) -> list[dict]:
         raise CompileError(f"stage {stage.name!r}: env {', '.join(clash)} is set by the platform from spec.storage; "
                            "remove it from env")
     env = [{"name": k, "value": v} for k, v in sorted(stage.env.items())]
+    if "HOME" not in stage.env:
+        env.append({"name": "HOME", "value": HOME_DIR})
     if SHUTDOWN_TIMEOUT_ENV not in stage.env:  # a stage may choose its own
         env.append({"name": SHUTDOWN_TIMEOUT_ENV, "value": str(max(1, grace_seconds - AGENT_SHUTDOWN_MARGIN))})
     if storage.endpoint:
@@ -100,10 +112,12 @@ def _container(job: JobSpec, stage: Stage, pool: Pool, image: str, grace_seconds
         "command": command(stage.name),
         "env": _env(job, stage, grace_seconds),
         "ports": _ports(stage),
-        "volumeMounts": [spec_mount(), {"name": SHM_VOLUME, "mountPath": "/dev/shm"}],
+        "volumeMounts": [spec_mount(), {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
+                         *({"name": name, "mountPath": path} for name, path in SCRATCH_VOLUMES.items())],
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
@@ -136,6 +150,7 @@ def pod_template(job: JobSpec, stage: Stage, pool: Pool, labels: dict[str, str],
         "volumes": [
             spec_volume(job.metadata.name),
             {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": str(stage.resources.shm_size)}},
+            *({"name": name, "emptyDir": {}} for name in SCRATCH_VOLUMES),
         ],
     }
     if pool.node_selector:

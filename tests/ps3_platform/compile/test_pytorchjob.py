@@ -159,8 +159,9 @@ def test_restricted_security_context():
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["containers"][0]["securityContext"] == {
-        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
-        "seccompProfile": {"type": "RuntimeDefault"}}
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (1000, 1000)
     assert pod["serviceAccountName"] == "ps3-platform-job"
     assert pod["terminationGracePeriodSeconds"] == 120
 
@@ -171,11 +172,24 @@ def test_shm_is_a_sized_memory_volume():
     assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
 
 
+def test_read_only_root_leaves_tmp_and_home_writable():
+    """Every path a worker writes is an emptyDir: the run directory under /tmp, caches under HOME."""
+    pod = pod_of(compile_one(job_yaml()))
+    container = pod["containers"][0]
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/tmp", "/home/ps3", "/dev/shm"}
+    assert all("emptyDir" in v for v in pod["volumes"] if v["name"] in {"tmp", "home", "dshm"})
+    assert {"name": "HOME", "value": "/home/ps3"} in container["env"]
+    env = pod_of(compile_one(job_yaml(extra="  env: {HOME: /tmp/home}")))["containers"][0]["env"]
+    assert [e["value"] for e in env if e["name"] == "HOME"] == ["/tmp/home"]  # a stage may choose its own
+
+
 def test_storage_credentials_only_by_secret_reference():
     extra = "  storage: {credentialsSecret: my-s3, endpoint: 'http://s3.local:9000', region: eu-west-1}\n  env: {FOO: bar}"
     env = pod_of(compile_one(job_yaml(extra=extra)))["containers"][0]["env"]
     assert env == [
         {"name": "FOO", "value": "bar"},
+        {"name": "HOME", "value": "/home/ps3"},
         {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": "110"},
         {"name": "AWS_ENDPOINT_URL", "value": "http://s3.local:9000"},
         {"name": "AWS_REGION", "value": "eu-west-1"},
