@@ -218,7 +218,7 @@ def test_s3_outage_of_30s_during_training_is_survived(tmp_path):
 def test_fsdp2_and_bf16_run_checkpoint_and_resume(tmp_path):
     """parallelism: fsdp (FSDP2 fully_shard) with bf16 autocast on 2 gloo workers, resumed onto 1."""
     backend, uri = LocalBackend(), f"file://{tmp_path}/ckpt"
-    job = load_text(SPEC.format(name="sharded", uri=uri, procs=2, steps=10, step_seconds=0, async_="false"),
+    job = load_text(SPEC.format(name="sharded", uri=uri, procs=2, steps=10, step_seconds=0, async_="false", micro=2),
                     overrides=["spec.train.parallelism=fsdp", "spec.train.precision=bf16"]).job
     _run(backend, job)
     weights, counters = _final_state(uri, "sharded")
@@ -226,7 +226,7 @@ def test_fsdp2_and_bf16_run_checkpoint_and_resume(tmp_path):
     logs = "\n".join(backend.logs("sharded"))
     assert "parallelism: FSDP2 fully_shard" in logs and "over 2 ranks" in logs
     assert "precision: bf16 autocast" in logs
-    longer = load_text(SPEC.format(name="sharded", uri=uri, procs=1, steps=10, step_seconds=0, async_="false"),
+    longer = load_text(SPEC.format(name="sharded", uri=uri, procs=1, steps=10, step_seconds=0, async_="false", micro=2),
                        overrides=["spec.train.parallelism=fsdp", "spec.train.precision=bf16",
                                   "spec.train.steps=14"]).job
     # A longer schedule is a spec change: refused by default (exit 2), accepted when allowed.
