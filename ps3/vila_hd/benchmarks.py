@@ -114,15 +114,21 @@ def read_benchmark(uri: str, format: str, *, categories: Sequence[str] | None = 
 
 # -- 4KPro ------------------------------------------------------------------------------------
 
-def _read_4kpro(uri: str) -> tuple[list[Question], list[Problem]]:
-    lines = _read_lines(uri)
-    questions, problems = [], []
-    for number, row in _json_rows(uri, lines, problems):
+def _questions(uri: str, rows: Iterable[tuple[int, dict]], make, problems: list[Problem]
+               ) -> tuple[list[Question], list[Problem]]:
+    """Each numbered row as a Question by `make(uri, number, row)`, or a Problem at its line."""
+    questions = []
+    for number, row in rows:
         try:
-            questions.append(_4kpro_question(uri, number, row))
+            questions.append(make(uri, number, row))
         except _Skip as exc:
             problems.append(Problem(_where(uri, number), exc.kind, exc.detail))
     return questions, problems
+
+
+def _read_4kpro(uri: str) -> tuple[list[Question], list[Problem]]:
+    problems: list[Problem] = []
+    return _questions(uri, _json_rows(uri, _read_lines(uri), problems), _4kpro_question, problems)
 
 
 def _4kpro_question(uri: str, number: int, row: dict) -> Question:
@@ -198,16 +204,10 @@ _INLINE_OPTION = re.compile(r"\(([A-H])\)\s*")
 def _read_vstar_lmms(uri: str) -> tuple[list[Question], list[Problem]]:
     problems: list[Problem] = []
     if uri.endswith(".parquet"):
-        rows = list(enumerate(_parquet_rows(uri), start=1))
+        rows = enumerate(_parquet_rows(uri), start=1)
     else:
-        rows = list(_json_rows(uri, _read_lines(uri), problems))
-    questions = []
-    for number, row in rows:
-        try:
-            questions.append(_lmms_question(uri, number, row))
-        except _Skip as exc:
-            problems.append(Problem(_where(uri, number), exc.kind, exc.detail))
-    return questions, problems
+        rows = _json_rows(uri, _read_lines(uri), problems)
+    return _questions(uri, rows, _lmms_question, problems)
 
 
 def _lmms_question(uri: str, number: int, row: dict) -> Question:
