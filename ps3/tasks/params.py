@@ -49,6 +49,9 @@ class SynthParams(TaskParams):
 
 class PretrainParams(TaskParams):
     contrastive_weight: float = Field(1.0, ge=0, description="Weight of the local+global sigmoid contrast.")
+    contrastive_exchange: Literal["ring", "all_gather"] = Field(
+        "ring", description="How ranks share texts for the sigmoid loss: world-1 ring shifts of one block each "
+                            "(least memory), or one all-gather (fewest collectives); same loss and gradients.")
     bce_weight: float = Field(1.0, ge=0, description="Weight of BCE between selection maps and boxes.")
     dice_weight: float = Field(1.0, ge=0, description="Weight of DICE between selection maps and boxes.")
     topdown_weight: float = Field(1.0, ge=0, description="Weight of the top-down (caption-prompted) box loss.")

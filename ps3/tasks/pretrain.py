@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ps3.losses import BoxLossConfig, box_supervision_loss, sigmoid_loss
+from ps3.losses import BoxLossConfig, box_supervision_loss, sigmoid_loss, sigmoid_loss_all_gather
 from ps3.model import PS3Model, clamp_logit_scale_
 from ps3_platform.runtime.task import RunContext, StepResult, TaskState
 
@@ -53,10 +53,12 @@ def build(ctx: RunContext) -> TaskState:
     box_config = BoxLossConfig(bce_weight=params.bce_weight, dice_weight=params.dice_weight,
                                topdown_weight=params.topdown_weight, bottomup_weight=params.bottomup_weight)
 
+    contrast = sigmoid_loss_all_gather if params.contrastive_exchange == "all_gather" else sigmoid_loss
+
     def step(model: nn.Module, batch: dict) -> StepResult:
         batch = to_device(batch, ctx.device)
         out = model(batch)
-        contrastive = sigmoid_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias,
+        contrastive = contrast(out.image_features, out.text_features, out.logit_scale, out.logit_bias,
                                    rank=ctx.rank, world_size=ctx.world_size, sizes=batch.get("rank_sizes"))
         # Top-down learns the caption's box; bottom-up every labelled box of the image (paper Fig. 5b/c).
         box = box_supervision_loss(out.topdown_probs, out.bottomup_probs, batch["gt_maps"], batch["is_global"],

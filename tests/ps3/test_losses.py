@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from ps3.losses import BoxLossConfig, SigmoidLoss, box_supervision_loss, sigmoid_loss
+from ps3.losses import BoxLossConfig, SigmoidLoss, box_supervision_loss, sigmoid_loss, sigmoid_loss_all_gather
 
 WORLD, B, E = 2, 3, 8
 
@@ -31,6 +31,7 @@ def test_single_process_matches_definition():
     ref = -F.logsigmoid(labels * logits).sum() / len(img)
     assert torch.allclose(sigmoid_loss(img, txt, scale, bias), ref)
     assert torch.allclose(SigmoidLoss()(img, txt, scale, bias), ref)
+    assert torch.allclose(sigmoid_loss_all_gather(img, txt, scale, bias), ref)
 
 
 def _shares(sizes: list[int]) -> list[slice]:
@@ -38,7 +39,7 @@ def _shares(sizes: list[int]) -> list[slice]:
     return [slice(a, a + n) for a, n in zip(starts, sizes)]
 
 
-def _worker(rank: int, out_dir: str, sizes: list[int]) -> None:
+def _worker(rank: int, out_dir: str, sizes: list[int], exchange: str = "ring") -> None:
     # A file rendezvous: no TCP port to pick (and race other test runs for).
     world = len(sizes)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
@@ -50,7 +51,10 @@ def _worker(rank: int, out_dir: str, sizes: list[int]) -> None:
         i, t = img[mine].clone().requires_grad_(True), txt[mine].clone().requires_grad_(True)
         log_scale = torch.tensor(math.log(10.0), requires_grad=True)
         bias = torch.tensor(-10.0, requires_grad=True)
-        loss = SigmoidLoss(rank=rank, world_size=world)(i, t, log_scale.exp(), bias, sizes=sizes)
+        if exchange == "ring":
+            loss = SigmoidLoss(rank=rank, world_size=world)(i, t, log_scale.exp(), bias, sizes=sizes)
+        else:
+            loss = sigmoid_loss_all_gather(i, t, log_scale.exp(), bias, rank=rank, world_size=world, sizes=sizes)
         weight = sizes[rank] * world / sum(sizes)  # the runtime's loss weight for an uneven share
         (loss * weight).backward()
         shared = torch.stack([loss.detach() * weight, log_scale.grad, bias.grad])
@@ -61,12 +65,16 @@ def _worker(rank: int, out_dir: str, sizes: list[int]) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sizes", [[B, B], [3, 3, 2], [2, 2, 2, 1, 1], [1, 1, 0]],
-                         ids=["even", "3-ranks", "5-ranks", "stand-in"])
-def test_ring_loss_equals_single_process_loss_and_gradients(tmp_path, sizes):
-    """Also with shares that differ by one (a world size that does not divide the batch)."""
+@pytest.mark.parametrize("exchange,sizes", [("ring", [B, B]), ("ring", [3, 3, 2]), ("ring", [2, 2, 2, 1, 1]),
+                                            ("ring", [1, 1, 0]), ("all_gather", [B, B]), ("all_gather", [3, 3, 2]),
+                                            ("all_gather", [1, 1, 0])],
+                         ids=["ring-even", "ring-3", "ring-5", "ring-stand-in", "gather-even", "gather-3",
+                              "gather-stand-in"])
+def test_distributed_loss_equals_single_process_loss_and_gradients(tmp_path, exchange, sizes):
+    """Ring shifts and one all-gather alike, also with shares that differ by one (a world size
+    that does not divide the batch) and with a rank whose forward is a stand-in."""
     world = len(sizes)
-    mp.start_processes(_worker, args=(str(tmp_path), sizes), nprocs=world, start_method="spawn", join=True)
+    mp.start_processes(_worker, args=(str(tmp_path), sizes, exchange), nprocs=world, start_method="spawn", join=True)
     img, txt = _features(sum(sizes))
     img.requires_grad_(True)
     txt.requires_grad_(True)
