@@ -50,6 +50,11 @@ def clamp_logit_scale_(model: PS3Model, max_value: float = MAX_LOGIT_SCALE) -> N
 class PS3Model(nn.Module):
     """The full PS3 pre-training model (CLIP-style pair of towers plus selection)."""
 
+    #: Parameter-name parts trained without weight decay besides 1-D ones (runtime.optim.param_groups):
+    #: the position and token embeddings and the attention pool's latent query.
+    no_weight_decay_keys = ("pos_embed", "pos_emb_residual", "attn_pool.latent", "positional_embedding",
+                            "token_embedding")
+
     def __init__(self, preset: PS3Preset | str, **overrides: Any) -> None:
         super().__init__()
         if isinstance(preset, str):

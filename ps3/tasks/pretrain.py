@@ -12,6 +12,7 @@ from torch import nn
 
 from ps3.losses import BoxLossConfig, box_supervision_loss, sigmoid_loss, sigmoid_loss_all_gather
 from ps3.model import PS3Model, clamp_logit_scale_
+from ps3_platform.runtime.optim import param_groups
 from ps3_platform.runtime.task import RunContext, StepResult, TaskState
 
 from .common import (
@@ -49,7 +50,7 @@ def build(ctx: RunContext) -> TaskState:
     data = loader_for(ctx, preset, tokenizer, ctx.stage.data.sources,
                       global_caption_fraction=ctx.stage.data.global_caption_fraction)
     model = ctx.parallelize(model)
-    optimizer = ctx.build_optimizer(model.parameters())
+    optimizer = ctx.build_optimizer(param_groups(model.named_parameters(), unwrap(model).no_weight_decay_keys))
     box_config = BoxLossConfig(bce_weight=params.bce_weight, dice_weight=params.dice_weight,
                                topdown_weight=params.topdown_weight, bottomup_weight=params.bottomup_weight)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 import torch
+from ps3_platform.runtime.optim import param_groups
 from ps3_platform.runtime.task import RunContext, StepResult, TaskSetupError, TaskState
 
 from ps3.model import PS3Model
@@ -137,7 +138,7 @@ def build(ctx: RunContext) -> TaskState:
     for info, spec in zip(data.source_sizes(), sources):
         ctx.log.info("source %s: %d conversations, weight %g, %s", info.name, info.size, info.weight, spec.uri)
     model = ctx.parallelize(model)
-    optimizer = ctx.build_optimizer([p for p in model.parameters() if p.requires_grad])
+    optimizer = ctx.build_optimizer(param_groups(model.named_parameters(), unwrap(model).no_weight_decay_keys))
     grids = enc.preset.grids[1:]
 
     def step(model: torch.nn.Module, batch: dict) -> StepResult:

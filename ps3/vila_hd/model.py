@@ -87,6 +87,11 @@ class VilaHDOutput:
 class VilaHD(nn.Module):
     """The PS3 vision tower, the projector (`mm_projector`) and the LLM (`llm`)."""
 
+    #: Parameter-name parts trained without weight decay besides 1-D ones: PS3's position
+    #: embeddings and latent query, the high-res position/scale embeddings, the LLM's tokens.
+    no_weight_decay_keys = ("pos_embed", "pos_emb_residual", "attn_pool.latent", "high_res_pos_embed",
+                            "high_res_scale_embed", "embed_tokens")
+
     def __init__(self, vision: PS3VisionEncoder, llm: nn.Module, *, image_token_id: int, newline_token_id: int,
                  prompt_head: str = "linear") -> None:
         super().__init__()

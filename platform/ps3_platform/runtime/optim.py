@@ -10,8 +10,27 @@ import torch
 from ps3_platform.spec.models import Train
 
 
+def param_groups(named_parameters, no_decay_keys: tuple[str, ...] = ()) -> list[dict]:
+    """Two optimizer groups: weight decay for the weight matrices, none for norms, biases and
+    scalars (tensors of fewer than 2 dimensions) nor for parameters whose name holds one of
+    `no_decay_keys` (embeddings and position embeddings), as open_clip and the PS3 reference
+    train. Frozen parameters are left out. The no-decay group says so (`weight_decay` 0); the
+    other takes the spec's."""
+    decay, no_decay = [], []
+    for name, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim < 2 or any(key in name for key in no_decay_keys)
+        (no_decay if exempt else decay).append(param)
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
 def build_optimizer(params, train: Train) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay, as in the PS3 recipe) or SGD with momentum."""
+    """AdamW (decoupled weight decay, as in the PS3 recipe) or SGD with momentum.
+
+    `params`: parameters, or groups (`param_groups`) whose own `weight_decay` wins over the spec's.
+    """
     opt = train.optimizer
     if opt.name == "adamw":
         return torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)
