@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ps3_platform.backends.local import LocalBackend, _group_alive, _last_event
+from ps3_platform.backends.local import LocalBackend, _last_event
 from ps3_platform.runtime.checkpoint import Checkpointer, step_dir_name
 from ps3_platform.spec import load_text
 from ps3_platform.testing import SeaweedS3
