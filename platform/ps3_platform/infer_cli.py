@@ -143,9 +143,7 @@ def _from_checkpoint(args: argparse.Namespace):
         llm = load_llm(args.llm)
     except (UnknownPresetError, PresetError, LLMError) as exc:
         raise InferError(str(exc)) from None
-    newline = llm.tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
-    model = VilaHD(vision, llm.model, image_token_id=llm.image_token_id, newline_token_id=newline,
-                   prompt_head=args.prompt_head)
+    model = VilaHD.on_llm(vision, llm, prompt_head=args.prompt_head)
     world = WorldInfo(rank=0, world_size=1, local_rank=0, restart_count=0, device=torch.device("cpu"))
     try:
         load_weights(model, args.model, world, Metrics("infer", "infer", 0))

@@ -67,10 +67,7 @@ def fresh_model(ctx: RunContext, llm: str, prompt_head: str, ps3: PS3Model | Non
     except LLMError as exc:
         raise TaskSetupError(f"spec params.llm: {exc}") from None
     ps3 = ps3 or PS3Model(preset_for(ctx))
-    newline = loaded.tokenizer("\n", add_special_tokens=False)["input_ids"]
-    model = VilaHD(ps3.vision_model, loaded.model, image_token_id=loaded.image_token_id,
-                   newline_token_id=newline[-1], prompt_head=prompt_head)
-    return model, loaded.tokenizer
+    return VilaHD.on_llm(ps3.vision_model, loaded, prompt_head=prompt_head), loaded.tokenizer
 
 
 def _build_model(ctx: RunContext, params: VilaHDParams) -> tuple[VilaHD, object]:

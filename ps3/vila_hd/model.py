@@ -103,6 +103,14 @@ class VilaHD(nn.Module):
         self.image_token_id = image_token_id
         self.newline_token_id = newline_token_id
 
+    @classmethod
+    def on_llm(cls, vision: PS3VisionEncoder, llm, *, prompt_head: str = "linear") -> VilaHD:
+        """A VilaHD on a loaded LLM (`llm.LoadedLLM`): its image token, and the tokenizer's
+        newline as the token that ends each image."""
+        newline = llm.tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
+        return cls(vision, llm.model, image_token_id=llm.image_token_id, newline_token_id=newline,
+                   prompt_head=prompt_head)
+
     def blocks(self) -> list[nn.Module]:
         """The units FSDP2 shards one by one: PS3's blocks and the LLM's decoder layers."""
         return [*self.vision_tower.trunk.blocks, *self.llm.model.layers]
