@@ -65,8 +65,8 @@ def build(ctx: RunContext) -> TaskState:
         box = box_supervision_loss(out.topdown_probs, out.bottomup_probs, batch["gt_maps"], batch["is_global"],
                                    box_config, bottomup_gt_maps=batch["saliency_maps"])
         loss = params.contrastive_weight * contrastive + box["loss"]
-        figures = {"contrastive": float(contrastive.detach())}
-        figures |= {k: float(v.detach()) for k, v in box.items() if k != "loss"}
+        figures = {"contrastive": contrastive.detach()}  # tensors: the trainer reads them when it logs
+        figures |= {k: v.detach() for k, v in box.items() if k != "loss"}
         tokens = sum(int(i.shape[1]) for i in out.hr_index) + batch["tokens"].shape[1]
         return StepResult(loss=loss, metrics=figures, samples=len(batch["tokens"]),
                           tokens=tokens * len(batch["tokens"]))

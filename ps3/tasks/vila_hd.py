@@ -146,10 +146,10 @@ def build(ctx: RunContext) -> TaskState:
         # what the micro-batch left unused still takes part in backward (VilaHD's ghost)
         loss = loss + (out.ghost if out.ghost is not None else 0.0)
         recall = selection_recall(out.selected, batch["boxes"], batch["has_box"], grids)
-        figures = {"lm_loss": float(out.lm_loss.detach()), "selection_loss": float(sel["loss"].detach()),
+        figures = {"lm_loss": out.lm_loss.detach(), "selection_loss": sel["loss"].detach(),  # read when logged
                    "image_tokens": sum(out.image_tokens) / max(1, len(out.image_tokens))}
         if len(recall):
-            figures["selection_recall"] = float(recall.mean())
+            figures["selection_recall"] = recall.float().mean()
         return StepResult(loss=loss, metrics=figures, samples=len(batch["input_ids"]),
                           tokens=int(out.labels.shape[0] * out.labels.shape[1]))
 

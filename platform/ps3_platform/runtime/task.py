@@ -40,7 +40,7 @@ class StepResult:
     """One micro-batch's loss (a scalar tensor with grad) plus figures to report."""
 
     loss: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)  # scalars; tensors are read when logged
     samples: int = 0
     tokens: int = 0
 

@@ -164,6 +164,9 @@ class Trainer:
 
         Each micro-batch's mean loss is weighted by its share of the global batch (the plan's
         `loss_weight`), so ranks with one sample more or less still give the exact global mean.
+        Losses add up on the device and are read once, after the last micro-batch (reading one
+        per micro-batch would make the host wait for each forward); a task's `metrics` may be
+        tensors too, read only at the steps that are logged.
         """
         plan, rank = self.ctx.batch, self.world.rank
         started = time.perf_counter()
@@ -177,12 +180,12 @@ class Trainer:
             with self._no_sync(model, sync), self._precision():
                 result: StepResult = self.task.step(model, batch)
                 (result.loss * weight).backward()
-            weighted_loss += weight * float(result.loss.detach())
+            weighted_loss = weighted_loss + weight * result.loss.detach()
             start, stop = plan.micro_spans(rank)[micro]
             samples += (result.samples or stop - start) if stop > start else 0  # a stand-in counts nothing
             tokens += result.tokens
             extra = result.metrics
-        loss = self._global_mean(weighted_loss)
+        loss = self._global_mean(float(weighted_loss))  # the step's one read of the loss
         grad_norm = self._clip_gradients(model)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self._handle_nonfinite(loss)
@@ -324,7 +327,8 @@ class Trainer:
                       "samples_per_s": round(samples_per_s, 3), "step_seconds": round(stats.seconds, 4),
                       "data_wait_s": round(stats.data_wait, 4), "tokens_per_s": round(tokens_per_s, 1),
                       **({"mfu": round(mfu, 6)} if mfu is not None else {}),
-                      **({"bad_samples": bad} if bad else {}), **self.restart.record(), **stats.extra}
+                      **({"bad_samples": bad} if bad else {}), **self.restart.record(),
+                      **{name: float(value) for name, value in stats.extra.items()}}
             self.log.write(record)
             if self.checkpointer is not None:
                 self.checkpointer.write_progress(self._progress_record(step, stats.loss, samples_per_s))
