@@ -205,6 +205,7 @@ class _MicroBatches(IterableDataset):
                                self.config.global_caption_fraction)
         planner.load_state_dict(self.start.planner)
         spans = [self.plan.read_span(self.rank, a) for a in range(self.plan.accumulation)]
+        rank_sizes = [self.plan.micro_sizes(a) for a in range(self.plan.accumulation)]  # O(world) each: once
         n, micro = 0, self.start.micro  # n counts micro-batches from the start position
         while True:
             slots = planner.next_batch()
@@ -213,7 +214,7 @@ class _MicroBatches(IterableDataset):
                 if n % workers == worker:
                     before = maker.bad.copy()
                     batch, captions = maker.make(slots[spans[a][0]:spans[a][1]], used)
-                    batch["rank_sizes"] = self.plan.micro_sizes(a)  # for losses that exchange across ranks
+                    batch["rank_sizes"] = rank_sizes[a]  # for losses that exchange across ranks
                     yield batch, captions, dict(maker.bad - before)
                 n += 1
             micro = 0

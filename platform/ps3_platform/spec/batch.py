@@ -71,7 +71,7 @@ class BatchPlan:
     def micro_sizes(self, micro: int) -> list[int]:
         """The sample count of forward `micro` on every rank (what a cross-rank loss exchanges;
         0 for a stand-in forward, whose sample must not count for the others either)."""
-        return [b - a for a, b in (self.micro_spans(rank)[micro] for rank in range(self.world_size))]
+        return [_spread(share, self.accumulation)[micro] for share in _spread(self.global_batch, self.world_size)]
 
     def loss_weight(self, rank: int, micro: int) -> float:
         """Factor on a micro-batch's mean loss so that gradient averaging over ranks gives the
