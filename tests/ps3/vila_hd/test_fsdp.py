@@ -17,16 +17,9 @@ import torch.multiprocessing as mp
 
 from ps3.model import PS3VisionEncoder, get_preset
 from ps3.vila_hd.llm import build_tiny_llm, load_llm
-from ps3.vila_hd.model import IGNORE, Selection, VilaHD
+from ps3.vila_hd.model import Selection, VilaHD
 
-from .test_model import _batch
-
-
-def _text_only(batch: dict) -> dict:
-    return dict(batch, images=batch["images"][:0], input_ids=torch.tensor([[5, 6, 7, 8]]),
-                attention_mask=torch.ones(1, 4), labels=torch.tensor([[IGNORE, IGNORE, 7, 8]]),
-                prompt_end=torch.tensor([1]), boxes=batch["boxes"][:0], has_box=batch["has_box"][:0],
-                image_sizes=batch["image_sizes"][:0])
+from .test_model import _batch, _text_only
 
 
 def _worker(rank: int, out_dir: str, llm_dir: str) -> None:

@@ -37,6 +37,14 @@ def _batch(llm, size=256, sizes=((300, 200), (2000, 1500))):
                 has_box=torch.tensor([True, False]), grounding=torch.tensor([False, False]))
 
 
+def _text_only(batch: dict) -> dict:
+    """A one-conversation micro-batch with no image, beside `_batch`'s shapes."""
+    return dict(batch, images=batch["images"][:0], input_ids=torch.tensor([[5, 6, 7, 8]]),
+                attention_mask=torch.ones(1, 4), labels=torch.tensor([[IGNORE, IGNORE, 7, 8]]),
+                prompt_end=torch.tensor([1]), boxes=batch["boxes"][:0], has_box=batch["has_box"][:0],
+                image_sizes=batch["image_sizes"][:0])
+
+
 def test_merge_and_whole_blocks():
     grid = torch.arange(27 * 27, dtype=torch.float32).reshape(1, 27, 27, 1)
     merged = merge_2x2(grid)
@@ -108,10 +116,7 @@ def test_gt_forced_selection_takes_the_box_cells_first(llm):
 def test_a_micro_batch_without_images_still_runs_the_tower(llm):
     model = _model(llm)
     batch = _batch(llm)
-    text_only = dict(batch, images=batch["images"][:0], input_ids=torch.tensor([[5, 6, 7, 8]]),
-                     attention_mask=torch.ones(1, 4), labels=torch.tensor([[IGNORE, IGNORE, 7, 8]]),
-                     prompt_end=torch.tensor([1]), boxes=batch["boxes"][:0], has_box=batch["has_box"][:0],
-                     image_sizes=batch["image_sizes"][:0])
+    text_only = _text_only(batch)
     out = model(text_only, Selection())
     assert out.image_tokens == [] and float(out.ghost) == 0.0
     (out.lm_loss + out.ghost).backward()
@@ -149,10 +154,7 @@ def test_dynamic_resolution_discards_the_stand_in_of_an_empty_group(llm):
 def test_a_micro_batch_without_images_runs_the_llm_as_often_as_one_with_images(llm, mode):
     model = _model(llm)
     batch = _batch(llm)
-    text_only = dict(batch, images=batch["images"][:0], input_ids=torch.tensor([[5, 6, 7, 8]]),
-                     attention_mask=torch.ones(1, 4), labels=torch.tensor([[IGNORE, IGNORE, 7, 8]]),
-                     prompt_end=torch.tensor([1]), boxes=batch["boxes"][:0], has_box=batch["has_box"][:0],
-                     image_sizes=batch["image_sizes"][:0])
+    text_only = _text_only(batch)
     calls = []
     handle = model.llm.register_forward_hook(lambda m, a, out: calls.append(1))
     model(batch, Selection(mode=mode))
