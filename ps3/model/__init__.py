@@ -9,7 +9,7 @@ Public API (what ``ps3.tasks`` should call)::
         .text_prompt(tokens) -> [B, D]                # top-down selection prompt
         .encode_image(pixel_values, prompt=None, num_look_close=1, num_token_look_close=None,
                       scale_budgets=None) -> PS3ImageOutput
-        .set_grad_checkpointing(True); .blocks()      # units for FSDP2 fully_shard
+        .set_grad_checkpointing(True, every=1); .blocks()  # every=2: every other block; FSDP2 units
     clamp_logit_scale_(model)                         # after each optimizer step
     build_tokenizer(path_or_uri, context_length=..., clean="canonicalize") -> Tokenizer
     train_tiny_tokenizer(captions, path, vocab_size=..., context_length=...) -> Tokenizer

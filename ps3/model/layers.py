@@ -11,7 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Mlp", "KVAttention", "Block", "AttentionPool"]
+__all__ = ["Mlp", "KVAttention", "Block", "AttentionPool", "checkpoints_block"]
+
+
+def checkpoints_block(index: int, every: int) -> bool:
+    """Whether block ``index`` (0-based) of a trunk recomputes its activations in backward when
+    every ``every``-th block does: 1 is all of them, 2 every other one.
+
+    Blocks 1, 3, 5, ... for ``every=2``, counting as torchtitan's selective per-layer
+    checkpointing does, so block 0 (whose input is the cheap embedding) keeps its activations.
+    """
+    return (index + 1) % every == 0
 
 
 class Mlp(nn.Module):

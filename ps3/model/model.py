@@ -69,10 +69,11 @@ class PS3Model(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor([preset.init_logit_scale]))
         self.logit_bias = nn.Parameter(torch.tensor([preset.init_logit_bias]))
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Non-reentrant activation checkpointing of every vision and text block."""
-        self.vision_model.set_grad_checkpointing(enable)
-        self.text_model.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool = True, *, every: int = 1) -> None:
+        """Non-reentrant activation checkpointing of every ``every``-th vision and text block
+        (1: all of them; 2: every other one, see ``ps3.model.layers.checkpoints_block``)."""
+        self.vision_model.set_grad_checkpointing(enable, every=every)
+        self.text_model.grad_checkpointing, self.text_model.checkpoint_every = enable, every
 
     def blocks(self) -> list[nn.Module]:
         """Every transformer block (the units to wrap with FSDP2 ``fully_shard``)."""

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ps3.model.errors import PS3InputError
-from ps3.model.layers import Mlp
+from ps3.model.layers import Mlp, checkpoints_block
 from ps3.model.presets import PS3Preset
 
 __all__ = ["TextTransformer"]
@@ -82,6 +82,7 @@ class TextTransformer(nn.Module):
         p = preset
         self.preset = p
         self.grad_checkpointing = False
+        self.checkpoint_every = 1  # with grad_checkpointing: recompute every N-th block (1: all, 2: every other)
         self.token_embedding = nn.Embedding(p.text_vocab_size, p.text_width)
         self.positional_embedding = nn.Parameter(torch.zeros(p.text_context_length, p.text_width))
         self.transformer = _Resblocks([
@@ -110,8 +111,8 @@ class TextTransformer(nn.Module):
         """[B, L] long -> [B, E]: embedding of the last position after the final LayerNorm."""
         self._check_tokens(tokens)
         x = self.token_embedding(tokens) + self.positional_embedding.to(self.token_embedding.weight.dtype)  # [B, L, W]
-        for blk in self.transformer.resblocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+        for i, blk in enumerate(self.transformer.resblocks):
+            if self.grad_checkpointing and checkpoints_block(i, self.checkpoint_every) and torch.is_grad_enabled():
                 x = checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)

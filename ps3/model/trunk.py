@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ps3.model.layers import AttentionPool, Block
+from ps3.model.layers import AttentionPool, Block, checkpoints_block
 from ps3.model.presets import PS3Preset
 
 __all__ = ["PatchEmbed", "VisionTrunk", "resample_pos_table", "gather_patches", "TrunkOutput"]
@@ -84,6 +84,7 @@ class VisionTrunk(nn.Module):
         super().__init__()
         p = preset
         self.grad_checkpointing = False
+        self.checkpoint_every = 1  # with grad_checkpointing: recompute every N-th block (1: all, 2: every other)
         self.patch_embed = PatchEmbed(p.patch_size, p.width)
         self.pos_embed = nn.Parameter(torch.zeros(1, p.grids[0] ** 2, p.width))
         self.blocks = nn.ModuleList(
@@ -114,7 +115,7 @@ class VisionTrunk(nn.Module):
         kvs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, blk in enumerate(self.blocks):
             pk, pv = prefix[i] if prefix is not None else (None, None)
-            if self.grad_checkpointing and torch.is_grad_enabled():
+            if self.grad_checkpointing and checkpoints_block(i, self.checkpoint_every) and torch.is_grad_enabled():
                 x, k, v = checkpoint(blk, x, pk, pv, use_reentrant=False)
             else:
                 x, k, v = blk(x, pk, pv)

@@ -76,9 +76,9 @@ class PS3VisionEncoder(nn.Module):
         self.highres_selection_feature_module = SelectionConvNet(p.sel_hidden_dim, p.sel_out_dim, p.sel_depth, p.sel_kernel_size)
         self.prompt_proj_for_highres = nn.Linear(d, p.sel_out_dim * n_hr)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each trunk block in backward (non-reentrant checkpointing)."""
-        self.trunk.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool = True, *, every: int = 1) -> None:
+        """Recompute every ``every``-th trunk block in backward (non-reentrant checkpointing)."""
+        self.trunk.grad_checkpointing, self.trunk.checkpoint_every = enable, every
 
     # ---- stage 1 -------------------------------------------------------------------
     def encode_lowres(self, lowres: torch.Tensor) -> LowRes:

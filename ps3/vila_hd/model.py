@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ps3.model.forward import count_looks, run_looks
+from ps3.model.layers import checkpoints_block
 from ps3.model.selection import apply_gt_override
 from ps3.model.vision import LowRes, PS3VisionEncoder, resize_square
 
@@ -115,13 +116,16 @@ class VilaHD(nn.Module):
         """The units FSDP2 shards one by one: PS3's blocks and the LLM's decoder layers."""
         return [*self.vision_tower.trunk.blocks, *self.llm.model.layers]
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute PS3's blocks and the LLM's layers in backward (the spec's activation checkpointing)."""
-        self.vision_tower.set_grad_checkpointing(enable)
-        if enable:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
+    def set_grad_checkpointing(self, enable: bool = True, *, every: int = 1) -> None:
+        """Recompute every ``every``-th PS3 block and LLM decoder layer in backward (the spec's
+        activation checkpointing; 2 is every other one, as ``checkpoints_block`` counts)."""
+        self.vision_tower.set_grad_checkpointing(enable, every=every)
+        if not enable:
             self.llm.gradient_checkpointing_disable()
+            return
+        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for index, layer in enumerate(self.llm.model.layers):  # HF turned every layer on; keep every N-th
+            layer.gradient_checkpointing = checkpoints_block(index, every)
 
     # ---- the two passes --------------------------------------------------------------
     def forward(self, batch: dict, selection: Selection) -> VilaHDOutput:

@@ -14,7 +14,7 @@ from ps3_platform.spec import BatchPlan, JobSpec, Stage
 from ps3_platform.spec.models import EVAL_RECORD, expand_run_placeholder
 
 from .checkpoint import CheckpointCorruptError, CheckpointError, Checkpointer, CheckpointNotFoundError
-from .distributed import WorldInfo, init_distributed, parallelize, shutdown_distributed
+from .distributed import ParallelizeConfig, WorldInfo, init_distributed, parallelize, shutdown_distributed
 from .gpu import start_gpu_sampler
 from .metrics import JsonlLog, Metrics
 from .optim import build_optimizer, build_scheduler
@@ -104,7 +104,7 @@ def _context(job: JobSpec, stage: Stage, world: WorldInfo, plan: BatchPlan, metr
     return RunContext(
         job=job.metadata.name, stage=stage, rank=world.rank, world_size=world.world_size,
         local_rank=world.local_rank, device=world.device, batch=plan, run_dir=run_dir, metrics=metrics, log=log,
-        parallelize=lambda model: parallelize(model, world, train.parallelism, train.activation_checkpointing),
+        parallelize=lambda model: parallelize(model, world, ParallelizeConfig.from_train(train)),
         build_optimizer=lambda params: build_optimizer(params, train),
         build_scheduler=lambda optimizer: build_scheduler(optimizer, train),
         load_weights=lambda model, url: load_weights(model, url, world, metrics),

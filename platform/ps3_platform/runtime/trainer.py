@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointAbandonedError
-from .distributed import WorldInfo
+from .distributed import WorldInfo, uses_autocast
 from .metrics import JsonlLog
 from .restart import RestartCost
 from .signals import StopFlag
@@ -53,6 +53,12 @@ def _peak_flops(device: torch.device) -> float:
     return 1e14
 
 
+def _precision_name(autocast: bool, precision: str) -> str:
+    if autocast:
+        return "bf16 autocast"
+    return "bf16 parameters (FSDP2 mixed precision), no autocast" if precision == "bf16" else "fp32"
+
+
 class Trainer:
     def __init__(self, ctx: RunContext, task: TaskState, world: WorldInfo, checkpointer, *,
                  spec_hash: str, allow_spec_change: bool, stop: StopFlag, log: JsonlLog):
@@ -63,8 +69,8 @@ class Trainer:
         self.stop, self.log = stop, log
         self.total_steps = ctx.stage.train.total_steps
         self.consecutive_nonfinite = 0
-        self.autocast = ctx.stage.train.precision == "bf16"
-        ctx.log.info("precision: %s", "bf16 autocast" if self.autocast else "fp32")
+        self.autocast = uses_autocast(task.model, ctx.stage.train.precision)
+        ctx.log.info("precision: %s", _precision_name(self.autocast, ctx.stage.train.precision))
         self._bad_reported: dict[str, int] = {}
         self._mean_step_s: float | None = None
         self.restart = RestartCost()
@@ -226,6 +232,7 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _precision(self):
+        """bf16 autocast where `uses_autocast` says so; FSDP2's policy casts for itself."""
         if not self.autocast:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.world.device.type, dtype=torch.bfloat16)

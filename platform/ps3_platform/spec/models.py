@@ -218,17 +218,43 @@ class Train(SpecModel):
     samples_per_epoch: int | None = Field(None, ge=1)
     optimizer: Optimizer = Field(default_factory=Optimizer)
     schedule: Schedule = Field(default_factory=Schedule)
-    precision: Literal["bf16", "fp32"] = "fp32"
-    parallelism: Literal["ddp", "fsdp"] = "ddp"
-    activation_checkpointing: bool = False
+    precision: Literal["bf16", "fp32"] = Field(
+        "fp32", description="bf16: bf16 parameters and compute under fsdp (FSDP2 mixed precision), bf16 autocast "
+                            "otherwise; the optimizer keeps fp32 weights either way.")
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: replicated weights; fsdp: FSDP2 sharding of each transformer block, then the rest.")
+    reduce_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Dtype of the FSDP2 gradient reduce-scatter under precision bf16; bf16 halves the "
+                            "traffic at some accuracy. Needs parallelism fsdp.")
+    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+        "none", description="Recompute block activations in backward to save memory: full recomputes every "
+                            "transformer block, selective every other one. true and false still mean full and none.")
+    compile: bool = Field(
+        False, description="torch.compile each transformer block (off until measured: the first steps compile).")
     grad_clip: float | None = Field(1.0, gt=0)
     seed: int = 0
     non_finite: NonFinite = Field(default_factory=NonFinite)
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_from_bool(cls, value: Any) -> Any:
+        """Specs written before the modes existed said true or false."""
+        if isinstance(value, bool):
+            return "full" if value else "none"
+        return value
 
     @model_validator(mode="after")
     def _length(self) -> "Train":
         if self.steps is None and (self.epochs is None) != (self.samples_per_epoch is None):
             raise ValueError("give either steps, or both epochs and samplesPerEpoch")
+        return self
+
+    @model_validator(mode="after")
+    def _reduce_dtype(self) -> "Train":
+        # DDP reduces in the parameters' dtype (fp32), and fp32 parameters reduce in fp32 under fsdp too.
+        if self.reduce_dtype == "bf16" and (self.parallelism, self.precision) != ("fsdp", "bf16"):
+            raise ValueError("reduceDtype: bf16 needs parallelism: fsdp and precision: bf16; "
+                             "set train.reduceDtype: fp32 or change those two")
         return self
 
     @property

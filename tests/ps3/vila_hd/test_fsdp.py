@@ -58,3 +58,27 @@ def test_a_text_only_micro_batch_on_one_rank_does_not_hang_fsdp(tmp_path):
                 process.kill()
             raise AssertionError("the ranks hang: one ran fewer FSDP forwards than the other")
     assert (tmp_path / "done-0").exists() and (tmp_path / "done-1").exists()
+
+
+def test_fsdp_bf16_and_selective_checkpointing_run_a_step(tmp_path, tiny_vila_hd):
+    """The VILA-HD jobs' setting through the runtime's `parallelize` (fsdp, bf16, selective
+    checkpointing) on a 1-rank group in this process: bf16 PS3 blocks and Qwen2 layers, every
+    other decoder layer recomputed, an fp32 loss."""
+    from ps3_platform.runtime.distributed import ParallelizeConfig, WorldInfo, parallelize
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        llm = load_llm(str(tiny_vila_hd[2]))  # a fresh copy: sharding changes the model in place
+        torch.manual_seed(0)
+        model = VilaHD(PS3VisionEncoder(get_preset("ps3-tiny")), llm.model, image_token_id=llm.image_token_id,
+                       newline_token_id=0).train()
+        world = WorldInfo(rank=0, world_size=1, local_rank=0, restart_count=0, device=torch.device("cpu"))
+        config = ParallelizeConfig(parallelism="fsdp", precision="bf16", activation_checkpointing="selective")
+        model = parallelize(model, world, config)
+        assert [layer.gradient_checkpointing for layer in model.llm.model.layers] == [False, True]
+        out = model(_batch(llm), Selection(mode="after_prompt"))
+        (out.lm_loss + out.ghost).backward()
+        assert out.lm_loss.dtype == torch.float32 and torch.isfinite(out.lm_loss)
+        assert model.mm_projector.mlp.fc1.weight.grad.dtype == torch.float32  # the fp32 shards
+    finally:
+        dist.destroy_process_group()

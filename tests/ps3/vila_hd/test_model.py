@@ -224,5 +224,8 @@ def test_blocks_and_activation_checkpointing_cover_both_trunks(llm):
     out.lm_loss.backward()
     assert model.llm.is_gradient_checkpointing and model.vision_tower.trunk.grad_checkpointing
     assert model.mm_projector.mlp.fc1.weight.grad is not None
+    model.set_grad_checkpointing(True, every=2)  # the spec's selective mode: every other block and layer
+    assert [layer.gradient_checkpointing for layer in model.llm.model.layers] == [False, True]
+    assert model.vision_tower.trunk.checkpoint_every == 2
     model.set_grad_checkpointing(False)
     assert not model.llm.is_gradient_checkpointing

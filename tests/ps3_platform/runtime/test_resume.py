@@ -216,7 +216,7 @@ def test_s3_outage_of_30s_during_training_is_survived(tmp_path):
 
 
 def test_fsdp2_and_bf16_run_checkpoint_and_resume(tmp_path):
-    """parallelism: fsdp (FSDP2 fully_shard) with bf16 autocast on 2 gloo workers, resumed onto 1."""
+    """parallelism: fsdp (FSDP2 fully_shard) with bf16 mixed precision on 2 gloo workers, resumed onto 1."""
     backend, uri = LocalBackend(), f"file://{tmp_path}/ckpt"
     job = load_text(SPEC.format(name="sharded", uri=uri, procs=2, steps=10, step_seconds=0, async_="false", micro=2),
                     overrides=["spec.train.parallelism=fsdp", "spec.train.precision=bf16"]).job
@@ -225,7 +225,8 @@ def test_fsdp2_and_bf16_run_checkpoint_and_resume(tmp_path):
     assert counters.step == 10 and all(torch.isfinite(w).all() for w in weights.values())
     logs = "\n".join(backend.logs("sharded"))
     assert "parallelism: FSDP2 fully_shard" in logs and "over 2 ranks" in logs
-    assert "precision: bf16 autocast" in logs
+    assert "bf16 parameters and compute, fp32 gradient reduction" in logs
+    assert "precision: bf16 parameters (FSDP2 mixed precision), no autocast" in logs
     longer = load_text(SPEC.format(name="sharded", uri=uri, procs=1, steps=10, step_seconds=0, async_="false", micro=2),
                        overrides=["spec.train.parallelism=fsdp", "spec.train.precision=bf16",
                                   "spec.train.steps=14"]).job

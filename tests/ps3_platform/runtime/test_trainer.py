@@ -136,11 +136,11 @@ def test_gradients_are_clipped_to_the_spec_norm(tmp_path):
 
 def test_activation_checkpointing_switch_reaches_the_model():
     from ps3.model import PS3Model
-    from ps3_platform.runtime.distributed import parallelize
+    from ps3_platform.runtime.distributed import ParallelizeConfig, parallelize
 
     world = world_from_env({})
-    on = parallelize(PS3Model("ps3-tiny"), world, "ddp", activation_checkpointing=True)
-    off = parallelize(PS3Model("ps3-tiny"), world, "ddp", activation_checkpointing=False)
+    on = parallelize(PS3Model("ps3-tiny"), world, ParallelizeConfig(activation_checkpointing="full"))
+    off = parallelize(PS3Model("ps3-tiny"), world, ParallelizeConfig(activation_checkpointing="none"))
     assert on.vision_model.trunk.grad_checkpointing and on.text_model.grad_checkpointing
     assert not off.vision_model.trunk.grad_checkpointing and not off.text_model.grad_checkpointing
 

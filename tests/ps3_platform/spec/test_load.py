@@ -47,6 +47,29 @@ def test_training_job_is_one_stage_named_train_with_defaults():
     assert stage.train.total_steps == 3 and stage.resources.pool == "cpu"
 
 
+@pytest.mark.parametrize(("value", "mode"), [("true", "full"), ("false", "none"), ("selective", "selective"),
+                                           ("full", "full"), ("none", "none")])
+def test_activation_checkpointing_takes_modes_and_the_old_booleans(value, mode):
+    job = load_text(JOB, overrides=[f"spec.train.activationCheckpointing={value}"]).job
+    assert job.spec.train.activation_checkpointing == mode
+
+
+def test_precision_and_sharding_defaults():
+    train = load_text(JOB).job.spec.train
+    assert (train.activation_checkpointing, train.compile, train.reduce_dtype) == ("none", False, "fp32")
+    sharded = ["spec.train.parallelism=fsdp", "spec.train.precision=bf16", "spec.train.reduceDtype=bf16"]
+    assert load_text(JOB, overrides=sharded).job.spec.train.reduce_dtype == "bf16"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("spec.train.activationCheckpointing=every", "Input should be 'none', 'selective' or 'full'"),
+    ("spec.train.reduceDtype=bf16", "reduceDtype: bf16 needs parallelism: fsdp and precision: bf16"),
+])
+def test_precision_and_sharding_errors_say_what_to_set(override, message):
+    with pytest.raises(SpecError, match=message):
+        load_text(JOB, overrides=[override])
+
+
 def test_set_overrides_parse_values_as_yaml():
     job = load_text(JOB, overrides=["spec.train.steps=7", "spec.checkpoint.async=false",
                                     "spec.data.sources=[{name: a, uri: 'file:///x'}]"]).job
