@@ -5,11 +5,12 @@ patch 14, budgets 85/341/2134, selection view 1512) from the same 4K JPEG shards
 `ps3.data.synth`:
 - pipeline: `ps3.data` as the loader runs it: ranged read, DCT-scaled decode (1/2) for the
   low-res and selection views (torch's antialiased bicubic), one JPEG region decode at full
-  size for the windows of the selected patches, which alone are resampled.
+  size for the windows of the selected patches, which alone are resampled; uint8 tensors
+  out (the training process normalises them on the device, after the copy).
 - pipeline, whole decode: the same without the region decoder (what runs where
   `ps3.data._jpegregion` is not built): one full-size decode serves every view.
-- plain: full Pillow decode, bicubic resize to every scale, full normalised tensors
-  (what the released code does, minus its full-resolution GT maps).
+- plain: full Pillow decode, bicubic resize to every scale, full float32 normalised tensors
+  made in the worker (what the released code does, minus its full-resolution GT maps).
 
 Usage: python bench/data_4k.py [--quick] [--samples N] [--data URI]
 The last line printed is one JSON object.
@@ -29,7 +30,7 @@ import time
 import torch
 
 import ps3.data.decode as decode_module
-from ps3.data.batches import MicroBatchMaker, SourceRef
+from ps3.data.batches import MicroBatchMaker, SourceRef, normalize_images
 from ps3.data.decode import plain_decode
 from ps3.data.index import SourceIndex
 from ps3.data.records import parse_record
@@ -81,7 +82,9 @@ def run_plain(uri: str, n: int) -> float:
         image, raw = read_sample_bytes(index.fs, path, entry)
         record = parse_record(entry.key, raw)
         box = None if slot.is_global else record.boxes[0]
-        sample_tensors(PlainPixels(plain_decode(image)), record.width, record.height, box, views, record.boxes)
+        pixels = PlainPixels(plain_decode(image))
+        tensors = sample_tensors(pixels, record.width, record.height, box, views, record.boxes)
+        normalize_images(tensors)  # the released code normalises in its data workers
     return time.perf_counter() - started
 
 

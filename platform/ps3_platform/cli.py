@@ -97,6 +97,7 @@ def cmd_validate(args) -> int:
     job = loaded.job
     stages = len(job.spec.stages) if job.kind == "Pipeline" else 1
     print(f"{args.file}: valid {job.kind} {job.metadata.name!r} ({stages} stage{'s' * (stages != 1)})")
+    _print_sizing_warnings(job)
     return 0
 
 
@@ -118,6 +119,13 @@ def _print_cluster_warnings(job) -> None:
     from ps3_platform.compile import cluster_warnings
 
     for warning in cluster_warnings(job):
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def _print_sizing_warnings(job) -> None:
+    from ps3_platform.compile.cluster_advice import sizing_warnings
+
+    for warning in sizing_warnings(job):
         print(f"warning: {warning}", file=sys.stderr)
 
 

@@ -9,16 +9,18 @@ Modules, one job each:
 - `synth`: synthetic documents and sign scenes (`generate`, `python -m ps3.data.synth`).
 - `sampling`: per-source balanced global batch planning (`BatchPlanner`).
 - `decode`, `views`: fast 4K decode, scale views, GT maps, teacher-forced patches.
-- `batches`, `loader`: micro-batch assembly and the resumable `PS3Loader`.
+- `batches`, `loader`: micro-batch assembly (uint8 pixels) and the resumable `PS3Loader`;
+  `normalize_images` turns a batch's pixels into model input once it is on the device.
 """
 
+from .batches import IMAGE_KEYS, normalize_images
 from .check import check_source
 from .index import DataSourceError, SourceIndex, build_index, read_index
 from .loader import DataSource, LoaderConfig, PS3Loader, build_loader
 from .records import BAD_REASONS, BadSample, Record
 from .sampling import BatchPlanner, SamplingError, SourceInfo
 from .writer import ShardWriter
-from .views import ViewConfig
+from .views import ViewConfig, normalize_pixels
 
 
 def __getattr__(name: str):
@@ -33,6 +35,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BAD_REASONS",
+    "IMAGE_KEYS",
     "BadSample",
     "BatchPlanner",
     "DataSource",
@@ -50,5 +53,7 @@ __all__ = [
     "build_loader",
     "check_source",
     "generate",
+    "normalize_images",
+    "normalize_pixels",
     "read_index",
 ]

@@ -22,7 +22,7 @@ from .records import BadSample, clip_box
 from .retry import ReadRetry
 from .sampling import Slot, replacement
 from .shards import read_sample_bytes
-from .views import FastPixels, ViewConfig, sample_tensors
+from .views import FastPixels, ViewConfig, normalize_pixels, sample_tensors
 
 log = logging.getLogger(__name__)
 #: After this many bad samples in a row for one slot, the source is considered broken.
@@ -30,6 +30,8 @@ MAX_ATTEMPTS = 32
 #: Keys already logged by this process; bounded so a rotten source cannot grow it forever.
 _logged_keys: set[str] = set()
 MAX_LOGGED_KEYS = 100_000
+#: Batch entries holding uint8 pixels (a tensor, or a list of them per high-res scale).
+IMAGE_KEYS = ("lowres", "selection_view", "highres", "hr_patches")
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,10 @@ class _Union:
 
 
 def collate(pairs: list[Pair]) -> dict:
-    """Stack per-sample tensors; per-scale entries stay lists (one tensor per scale)."""
+    """Stack per-sample tensors; per-scale entries stay lists (one tensor per scale).
+
+    Pixels stay uint8 (see views): the batch crosses to the training process through /dev/shm.
+    """
     first = pairs[0].tensors
     batch: dict = {
         "lowres": torch.stack([p.tensors["lowres"] for p in pairs]),  # [B, 3, S0, S0]
@@ -176,3 +181,17 @@ def collate(pairs: list[Pair]) -> dict:
         if first[key]:
             batch[key] = [torch.stack([p.tensors[key][s] for p in pairs]) for s in range(len(first[key]))]
     return batch
+
+
+def normalize_images(batch: dict, dtype: torch.dtype = torch.float32) -> dict:
+    """The batch with its uint8 pixels (IMAGE_KEYS) normalised to `dtype`, where they are.
+
+    Meant to run on the device, after the copy: the one place a PS3 batch's pixels become
+    model input. Entries already floating point are left as they are, so it is safe twice.
+    """
+    def normalized(value):
+        if isinstance(value, list):
+            return [normalized(v) for v in value]
+        return normalize_pixels(value, dtype) if value.dtype == torch.uint8 else value
+
+    return {k: normalized(v) if k in IMAGE_KEYS else v for k, v in batch.items()}

@@ -53,6 +53,7 @@ class LoaderConfig:
     global_caption_fraction: float = 0.25  # share of each global batch that are global pairs
     prefetch_factor: int = 2  # micro-batches each worker keeps ready
     read_retry_seconds: float = 300.0  # how long one data read retries storage errors before the job fails
+    pin_memory: bool = False  # page-locked batches (CUDA), so the copy to the device can be non-blocking
 
 
 @dataclass
@@ -68,7 +69,7 @@ class PlannedLoader:
     """The position keeping every planned loader shares: advance, state, resume, bad counts.
 
     A subclass sets `world_size`, `plan`, `accumulation` and `config` (global_batch, num_workers,
-    prefetch_factor), builds `self._planner = self._new_planner()` and calls
+    prefetch_factor and, optionally, pin_memory), builds `self._planner = self._new_planner()` and calls
     `self._start()`; it implements `_new_planner()` and `_stream_of(position)` (an
     IterableDataset of this rank's micro-batches from a position).
     """
@@ -97,11 +98,19 @@ class PlannedLoader:
         return item
 
     def _open_stream(self) -> Iterator:
+        """Micro-batches from the position: in this process, or from worker processes.
+
+        With `pin_memory`, the DataLoader's own thread copies each batch into page-locked
+        memory while the step runs, so `to_device` copies without blocking. Inline
+        (num_workers 0) batches stay pageable: pinning there would be one more copy on the
+        training thread, and a non-blocking copy of pageable memory is simply synchronous.
+        """
         stream = self._stream_of(copy.deepcopy(self._pos))
         if self.config.num_workers == 0:
             return iter(stream)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,
-                               prefetch_factor=self.config.prefetch_factor, persistent_workers=False))
+                               prefetch_factor=self.config.prefetch_factor, persistent_workers=False,
+                               pin_memory=getattr(self.config, "pin_memory", False)))
 
     def state_dict(self) -> dict:
         """The exact position: identical on every rank, valid for any world size at a step boundary."""
@@ -140,6 +149,8 @@ class PS3Loader(PlannedLoader):
     gt_maps list of [B, G_s, G_s], either highres list of [B, 3, S_s, S_s] or hr_index
     list of [B, K_s] + hr_patches list of [B, K_s, 3, p, p], tokens [B, L] long,
     is_global [B] bool, sample_id [B] long, source [B] long (position in `sources`).
+    Pixels (batches.IMAGE_KEYS) are uint8: `batches.normalize_images` makes them model
+    input, on the device.
     """
 
     def __init__(self, sources: Sequence[DataSource | Mapping], views: ViewConfig, tokenize: Tokenize, *,
@@ -224,7 +235,7 @@ def build_loader(sources: Sequence[DataSource | Mapping], *, rank: int, world_si
                  micro_batch: int, seed: int, scales: Sequence[int], patch_size: int, budgets: Sequence[int],
                  selection_view_size: int, context_length: int, tokenize: Tokenize, num_workers: int = 0,
                  global_caption_fraction: float = 0.25, highres: str = "auto",
-                 read_retry_seconds: float = 300.0) -> PS3Loader:
+                 read_retry_seconds: float = 300.0, pin_memory: bool = False) -> PS3Loader:
     """Keyword-only adapter for a task's composition root: flat preset numbers in, loader out.
 
     `sources` are DataSource or mappings with name, uri and optional weight (the spec's
@@ -232,5 +243,5 @@ def build_loader(sources: Sequence[DataSource | Mapping], *, rank: int, world_si
     """
     views = ViewConfig(tuple(scales), patch_size, tuple(budgets), selection_view_size, context_length, highres)
     config = LoaderConfig(global_batch, micro_batch, seed, num_workers, global_caption_fraction,
-                          read_retry_seconds=read_retry_seconds)
+                          read_retry_seconds=read_retry_seconds, pin_memory=pin_memory)
     return PS3Loader(sources, views, tokenize, rank=rank, world_size=world_size, config=config)

@@ -1,12 +1,18 @@
 """Per-sample tensors of a PS3 step: scale views, ground-truth maps, selected patches.
 
 Geometry follows the preset: every view is the whole image squash-resized to S x S
-(bicubic, mean = std = 0.5), a scale's patch grid is (S / p) x (S / p), and a box's
-ground-truth map marks every cell the box overlaps. In the pre-gathered form the loader
-picks each high-res scale's K cells itself, teacher-forced from the box: all in-box cells
-first (nearest the box centre first when there are more than K), then the cells nearest
-the box centre. That departs from the released code (which fills the rest by the model's
-scores) so that only a window around the box has to be resampled.
+(bicubic), a scale's patch grid is (S / p) x (S / p), and a box's ground-truth map marks
+every cell the box overlaps. In the pre-gathered form the loader picks each high-res
+scale's K cells itself, teacher-forced from the box: all in-box cells first (nearest the
+box centre first when there are more than K), then the cells nearest the box centre. That
+departs from the released code (which fills the rest by the model's scores) so that only a
+window around the box has to be resampled.
+
+Pixels stay uint8, channel-first ([..., 3, H, W]), until they reach the device: they cross
+the loader's worker processes through /dev/shm, where float32 would take four times the
+room (about 145 GiB per node at the 4K settings; see ps3_platform.compile.shm).
+`normalize_pixels` (mean = std = 0.5) runs once there, for every consumer
+(`ps3.tasks.common.to_device`).
 """
 
 from __future__ import annotations
@@ -121,11 +127,23 @@ class PlainPixels:
         return [self.full(size)[y0:y1, x0:x1] for size, (x0, y0, x1, y1) in wanted]
 
 
-def normalize(arr: np.ndarray) -> torch.Tensor:
-    """uint8 [..., H, W, 3] -> float [..., 3, H, W] with mean = std = 0.5."""
+def channels_first(arr: np.ndarray) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> uint8 [..., 3, H, W], the form pixels cross processes in.
+
+    Permuted as uint8, which is cheap; normalising waits for the device (`normalize_pixels`).
+    """
     arr = arr if arr.flags.writeable else arr.copy()  # Pillow's arrays are read-only; uint8 copies are cheap
-    t = torch.from_numpy(arr).movedim(-1, -3).contiguous()  # permute as uint8: 5x cheaper than as float
-    return t.float().div_(127.5).sub_(1.0)
+    return torch.from_numpy(arr).movedim(-1, -3).contiguous()
+
+
+def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels -> x / 127.5 - 1 (mean = std = 0.5) in `dtype`, on the pixels' device.
+
+    Computed in float32 whatever `dtype` is, so a bf16 model sees the float32 values rounded
+    once, and the float32 result is exactly what the data workers used to send.
+    """
+    values = pixels.to(torch.float32).div_(127.5).sub_(1.0)
+    return values if dtype == torch.float32 else values.to(dtype)
 
 
 def box_cells(box: Box, width: int, height: int, scale: int, patch: int) -> tuple[int, int, int, int]:
@@ -167,15 +185,15 @@ def cells_window(scale: int, patch: int, chosen: np.ndarray) -> Window:
 
 
 def cut_patches(win: np.ndarray, window: Window, patch: int, chosen: np.ndarray) -> torch.Tensor:
-    """float [K, 3, p, p]: the chosen cells' pixels out of their bounding window's pixels."""
+    """uint8 [K, 3, p, p]: the chosen cells' pixels out of their bounding window's pixels."""
     scale, (x0, y0, x1, y1) = window
     rows, cols = np.divmod(chosen, scale // patch)
     win = win.reshape((y1 - y0) // patch, patch, (x1 - x0) // patch, patch, 3)  # [nr, p, nc, p, 3]
-    return normalize(win[rows - y0 // patch, :, cols - x0 // patch])  # [K, p, p, 3] -> [K, 3, p, p]
+    return channels_first(win[rows - y0 // patch, :, cols - x0 // patch])  # [K, p, p, 3] -> [K, 3, p, p]
 
 
 def gather_patches(pixels: Pixels, cfg: ViewConfig, chosen: Sequence[np.ndarray]) -> list[torch.Tensor]:
-    """Per high-res scale float [K_s, 3, p, p]: the chosen cells' pixels.
+    """Per high-res scale uint8 [K_s, 3, p, p]: the chosen cells' pixels.
 
     All scales' windows are asked for at once, so the pixels behind them are decoded once.
     """
@@ -188,7 +206,7 @@ def gather_patches(pixels: Pixels, cfg: ViewConfig, chosen: Sequence[np.ndarray]
             window, win = next(decoded)
             out.append(cut_patches(win, window, p, c))
         else:
-            out.append(torch.zeros(0, 3, p, p))
+            out.append(torch.zeros(0, 3, p, p, dtype=torch.uint8))
     return out
 
 
@@ -200,11 +218,12 @@ def sample_tensors(pixels: Pixels, width: int, height: int, box: Box | None, cfg
     high-res scale (the caption's box: top-down target and pooling mask), saliency_maps
     [G_s, G_s] per scale (the union of `all_boxes`, or gt_maps without them: the bottom-up
     target of paper Fig. 5c), and either highres [3, S_s, S_s] or hr_index [K_s] +
-    hr_patches [K_s, 3, p, p] per high-res scale.
+    hr_patches [K_s, 3, p, p] per high-res scale. Pixels are uint8 (not yet normalised),
+    maps float.
     """
     whole = (0.0, 0.0, float(width), float(height))
-    out: dict = {"lowres": normalize(pixels.full(cfg.scales[0])),
-                 "selection_view": normalize(pixels.full(cfg.selection_view_size, coarse=True)),
+    out: dict = {"lowres": channels_first(pixels.full(cfg.scales[0])),
+                 "selection_view": channels_first(pixels.full(cfg.selection_view_size, coarse=True)),
                  "gt_maps": [], "saliency_maps": [], "highres": [], "hr_index": [], "hr_patches": []}
     for scale, budget in zip(cfg.scales[1:], cfg.budgets):
         grid = cfg.grid(scale)
@@ -217,7 +236,7 @@ def sample_tensors(pixels: Pixels, width: int, height: int, box: Box | None, cfg
         if cfg.patches:
             out["hr_index"].append(torch.from_numpy(select_cells(cells, grid, budget).astype(np.int64)))
         else:
-            out["highres"].append(normalize(pixels.full(scale)))
+            out["highres"].append(channels_first(pixels.full(scale)))
     if cfg.patches:
         out["hr_patches"] = gather_patches(pixels, cfg, [i.numpy() for i in out["hr_index"]])
     return out

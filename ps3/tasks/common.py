@@ -13,7 +13,7 @@ import fsspec
 import torch
 from pydantic import ValidationError
 
-from ps3.data import DataSourceError, SamplingError, SourceIndex, build_loader
+from ps3.data import DataSourceError, SamplingError, SourceIndex, build_loader, normalize_images
 from ps3.model import (
     CheckpointError,
     PresetError,
@@ -88,7 +88,7 @@ def loader_for(ctx: RunContext, preset: PS3Preset, tokenizer, sources, *, global
             budgets=preset.budgets, selection_view_size=preset.selection_view_size,
             context_length=preset.text_context_length, tokenize=tokenizer,
             num_workers=ctx.stage.data.num_workers, global_caption_fraction=global_caption_fraction,
-            read_retry_seconds=ctx.stage.data.read_retry_seconds,
+            read_retry_seconds=ctx.stage.data.read_retry_seconds, pin_memory=ctx.device.type == "cuda",
         )
     except (DataSourceError, SamplingError) as exc:
         raise TaskSetupError(f"spec data: {exc}") from None
@@ -143,15 +143,24 @@ def init_weights(model: PS3Model, uri: str | None) -> None:
         raise TaskSetupError(f"spec model.initFrom: {exc}") from None
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
+    """The batch on `device`, its uint8 PS3 pixels normalised there to `dtype`.
+
+    Pixels travel as uint8 (a quarter of float32's bytes over PCIe too) and become model
+    input here, after the copy: the one place for every PS3 consumer (pre-training,
+    evaluation and its pictures). Copies are non-blocking on CUDA, where the loader pins
+    its batches; VILA-HD batches (`images`) pass through as uint8, their model normalises.
+    """
+    non_blocking = torch.device(device).type == "cuda"
+
     def move(value):
         if isinstance(value, torch.Tensor):
-            return value.to(device, non_blocking=True)
+            return value.to(device, non_blocking=non_blocking)
         if isinstance(value, list):
             return [move(v) for v in value]
         return value
 
-    return {k: move(v) for k, v in batch.items()}
+    return normalize_images({k: move(v) for k, v in batch.items()}, dtype)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

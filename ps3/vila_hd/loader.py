@@ -30,6 +30,7 @@ from ps3.data.loader import PlannedLoader, Position, as_source
 from ps3_platform.spec.batch import BatchPlan, plan_batch
 from ps3.data.retry import ReadRetry
 from ps3.data.sampling import BatchPlanner, SamplingError, Slot, SourceInfo, replacement
+from ps3.data.views import channels_first
 
 from .conversations import (
     GROUNDING,
@@ -88,7 +89,7 @@ def _squash(data: bytes, size: int) -> torch.Tensor:
     plain Pillow resize is what any other caller will do.
     """
     image = decode_image(data, "image").image.resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+    return channels_first(np.asarray(image))  # the same uint8 layout as PS3's views
 
 
 def _normalised(box: tuple[float, ...], width: int, height: int) -> tuple[float, float, float, float]:

@@ -6,7 +6,8 @@ command carries no distributed flags.
 
 The root filesystem is read-only: a worker writes only to its emptyDirs, `/tmp` (the run
 directory, torchrun's error files, Ray's session), `$HOME` (library caches: Triton,
-Hugging Face, matplotlib) and `/dev/shm` (checkpoint staging, data loader tensors).
+Hugging Face, matplotlib) and `/dev/shm` (checkpoint staging, data loader tensors; sized
+from the data settings by `shm.shm_size` unless the spec gives resources.shmSize).
 `make rehearse` (ops/rehearse.py) runs these pods' command under exactly that layout.
 """
 
@@ -19,6 +20,7 @@ from ps3_platform.spec.models import RAY_TASKS
 from .configmap import SPEC_PATH, spec_mount, spec_volume
 from .errors import CompileError
 from .options import CompileOptions
+from .shm import shm_size
 
 CONTAINER_NAME = "pytorch"  # the operator requires a container of this name
 RDZV_PORT_NAME = "pytorchjob-port"
@@ -149,7 +151,7 @@ def pod_template(job: JobSpec, stage: Stage, pool: Pool, labels: dict[str, str],
         "containers": [_container(job, stage, pool, options.image_for(image), options.termination_grace_seconds)],
         "volumes": [
             spec_volume(job.metadata.name),
-            {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": str(stage.resources.shm_size)}},
+            {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(stage)}},
             *({"name": name, "emptyDir": {}} for name in SCRATCH_VOLUMES),
         ],
     }

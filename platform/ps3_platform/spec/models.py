@@ -126,7 +126,10 @@ class Resources(SpecModel):
     )
     cpu: Quantity | None = Field(None, description="CPU request per pod, e.g. '32'.")
     memory: Quantity | None = Field(None, description="Memory request per pod, e.g. '512Gi'.")
-    shm_size: Quantity = Field("16Gi", description="Size of the /dev/shm memory volume (data loader workers).")
+    shm_size: Quantity | None = Field(
+        None, description="Size of the /dev/shm memory volume (data loader batches, checkpoint staging); "
+                          "default: derived from the data settings of PS3 and VILA-HD stages "
+                          "(ps3_platform.compile.shm), else 16Gi.")
 
     @property
     def nproc(self) -> int:

@@ -1,13 +1,17 @@
-"""PS3Loader: batch contents, exact resume (also across world sizes), workers, bad input."""
+"""PS3Loader: batch contents, exact resume (also across world sizes), workers, bad input,
+uint8 pixels across the worker processes and their normalisation afterwards."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+import ps3.data.loader as loader_module
+from ps3.data.batches import IMAGE_KEYS, normalize_images
 from ps3.data.index import DataSourceError
 from ps3.data.loader import DataSource, LoaderConfig, PS3Loader
-from ps3.data.views import ViewConfig
+from ps3.data.views import ViewConfig, channels_first, normalize_pixels
 
 from .conftest import BAD_CASES, write_bad_source
 
@@ -20,10 +24,11 @@ def tokenize(captions: list[str]) -> torch.Tensor:
     return torch.tensor([[len(c), *(ord(ch) for ch in c[:5].ljust(5))] for c in captions])
 
 
-def make(sources, *, rank=0, world=1, batch=8, micro=4, workers=0, views=TINY, seed=0, frac=0.25):
+def make(sources, *, rank=0, world=1, batch=8, micro=4, workers=0, views=TINY, seed=0, frac=0.25, pin=False):
     srcs = [DataSource(name, uri) for name, uri in sorted(sources.items())]
     return PS3Loader(srcs, views, tokenize, rank=rank, world_size=world,
-                     config=LoaderConfig(batch, micro, seed=seed, num_workers=workers, global_caption_fraction=frac))
+                     config=LoaderConfig(batch, micro, seed=seed, num_workers=workers, global_caption_fraction=frac,
+                                         pin_memory=pin))
 
 
 def ids(batches) -> list[int]:
@@ -40,7 +45,8 @@ def test_batch_keys_and_shapes(synth_sources):
         assert bool((salient >= gt).all())  # the captioned box is one of the salient ones
     assert b["tokens"].shape == (4, 6) and b["tokens"].dtype == torch.long
     assert b["is_global"].dtype == torch.bool and b["sample_id"].dtype == torch.long
-    assert -1.0 <= b["lowres"].min() and b["lowres"].max() <= 1.0
+    assert b["lowres"].dtype == b["selection_view"].dtype == torch.uint8
+    assert all(t.dtype == torch.uint8 for t in b["highres"]) and b["gt_maps"][0].dtype == torch.float32
     assert "hr_index" not in b
 
 
@@ -152,7 +158,7 @@ def test_patches_match_full_views(synth_sources):
         cells = view.unfold(2, 16, 16).unfold(3, 16, 16)  # [B, 3, g, g, 16, 16]
         cells = cells.permute(0, 2, 3, 1, 4, 5).reshape(view.shape[0], g * g, 3, 16, 16)
         expected = cells[torch.arange(view.shape[0])[:, None], idx]
-        assert (expected - patches).abs().max() <= 2 / 127.5  # a window resample rounds by <= 1 level
+        assert (expected.int() - patches.int()).abs().max() <= 2  # a window resample rounds by <= 1 level
 
 
 def test_bad_samples_skipped_counted_and_replaced(tmp_path):
@@ -263,3 +269,50 @@ def test_samples_after_a_corrupt_tar_header_are_used_and_the_damaged_one_counted
     assert {i & 0xFFFFFFFF for i in out} == {0, 1, 3, 4, 5}  # every sample but the damaged one
     assert loader.bad_sample_counts() == {"missing_image": loader.bad_sample_counts()["missing_image"]}
     assert any("s00002" in r.getMessage() and "missing_image" in r.getMessage() for r in caplog.records)
+
+
+def _pixels(batch: dict) -> list[torch.Tensor]:
+    return [t for k in IMAGE_KEYS if k in batch for t in (batch[k] if isinstance(batch[k], list) else [batch[k]])]
+
+
+@pytest.mark.parametrize("views", [TINY, PATCHES], ids=["views", "patches"])
+def test_pixels_cross_worker_processes_as_uint8(synth_sources, views):
+    """A quarter of float32's bytes in /dev/shm (ps3_platform.compile.shm): floats must not come back."""
+    loader = make(synth_sources, batch=8, micro=2, workers=2, views=views)
+    batches = [next(loader) for _ in range(3)]
+    loader.close()
+    inline = make(synth_sources, batch=8, micro=2, views=views)
+    for batch, same in zip(batches, [next(inline) for _ in range(3)]):
+        assert _pixels(batch) and all(t.dtype == torch.uint8 for t in _pixels(batch))
+        assert all(torch.equal(a, b) for a, b in zip(_pixels(batch), _pixels(same)))
+
+
+def test_normalising_after_the_copy_equals_the_old_float_views():
+    """x / 127.5 - 1 on the uint8 tensor, bit for bit what the workers used to send as float32."""
+    arr = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    old = torch.from_numpy(arr).movedim(-1, -3).contiguous().float().div_(127.5).sub_(1.0)
+    new = normalize_pixels(channels_first(arr))
+    assert new.dtype == torch.float32 and torch.equal(new, old)
+    assert normalize_pixels(channels_first(arr), torch.bfloat16).dtype == torch.bfloat16
+    batch = {"lowres": channels_first(arr), "highres": [channels_first(arr)], "gt_maps": [torch.ones(2, 4, 4)],
+             "images": channels_first(arr)}
+    out = normalize_images(batch)
+    assert torch.equal(out["lowres"], old) and torch.equal(out["highres"][0], old)
+    assert out["gt_maps"] is batch["gt_maps"] and out["images"].dtype == torch.uint8  # not a PS3 pixel key
+    assert torch.equal(normalize_images(out)["lowres"], old)  # floats pass: safe to apply twice
+
+
+def test_pin_memory_reaches_the_data_loader_of_worker_processes(synth_sources, monkeypatch):
+    """Workers' batches are pinned by the DataLoader's thread; inline batches are not pinned."""
+    seen = {}
+
+    class Recording(loader_module.DataLoader):
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+            super().__init__(*args, **{**kwargs, "pin_memory": False})  # CPU-only here
+
+    monkeypatch.setattr(loader_module, "DataLoader", Recording)
+    next(make(synth_sources, workers=1, pin=True))
+    assert seen["pin_memory"] is True
+    seen.clear()
+    assert next(make(synth_sources, workers=0, pin=True))["lowres"].dtype == torch.uint8 and not seen
