@@ -6,6 +6,7 @@ are tested on CPU with gloo; nothing here reads global state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -179,7 +180,9 @@ def box_supervision_loss(topdown_probs: list[torch.Tensor] | None, bottomup_prob
     out: dict[str, torch.Tensor] = {}
     total = None
     device_type = gt_maps[0].device.type
-    with torch.autocast(device_type=device_type, enabled=False):
+    # The meta device (cost tracing, ps3_platform.runtime.step_trace) has no autocast to turn off.
+    fp32 = contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type=device_type, enabled=False)
+    with fp32:
         for name, probs, gts, weight in (("topdown", topdown_probs, gt_maps, cfg.topdown_weight),
                                          ("bottomup", bottomup_probs, bottomup_gt_maps or gt_maps, cfg.bottomup_weight)):
             if probs is None:

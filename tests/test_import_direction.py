@@ -17,6 +17,8 @@ FORBIDDEN = {
     **{f"ps3/{science}": ("ps3.tasks",) for science in ("model", "data", "losses", "curation", "vila_hd")},
     "platform/ps3_platform/runtime": ("ps3", *CONTROL_PLANE),
     "platform/ps3_platform/backends": ("ps3", "ps3_platform.cli"),
+    # the estimate reaches models only through the task registry's probes
+    "platform/ps3_platform/estimate": ("ps3", *CONTROL_PLANE),
     "platform/ps3_platform/spec": ("ps3", *CONTROL_PLANE, "ps3_platform.runtime", "torch"),
     "platform/ps3_platform/compile": ("ps3", "ps3_platform.cli", "ps3_platform.backends", "ps3_platform.runtime",
                                       "torch"),

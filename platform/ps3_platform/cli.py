@@ -129,6 +129,18 @@ def _print_sizing_warnings(job) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
+def cmd_estimate(args) -> int:
+    from ps3_platform.estimate import EstimateError
+    from ps3_platform.estimate_cli import run_estimate
+
+    pools = load_pools(args.pools)
+    loaded = _load_checked(args, pools)
+    try:
+        return run_estimate(loaded.job, pools, args)
+    except EstimateError as exc:
+        raise CommandError(str(exc)) from None
+
+
 def cmd_schema(args) -> int:
     from ps3_platform.spec.schema import job_schema
 
@@ -272,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="follow progress until the job ends")
     p.add_argument("-q", "--quiet", action="store_true", help="with --wait: print only the final summary")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("estimate", help="per stage: parameters, FLOPs, GPU memory, fit, time and cost, before submitting")
+    _spec_options(p)
+    from ps3_platform.estimate_cli import add_estimate_options
+
+    add_estimate_options(p)
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("list", help="list jobs")
     _cluster_options(p)

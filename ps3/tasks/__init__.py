@@ -27,4 +27,12 @@ PARAM_CHECKS: dict[str, str] = {
     "curate": "ps3.curation.config:check_params",
 }
 
-__all__ = ["PARAM_CHECKS", "TASKS"]
+#: Training tasks' probes (`ps3_platform.runtime.task.TaskProbe`): "module:function" taking
+#: (stage, device) and returning the stage's model, a micro-batch maker and its loss, for
+#: `platformctl estimate` and the counted FLOPs behind MFU. Tasks without one are not estimated.
+PROBES: dict[str, str] = {
+    "ps3_pretrain": "ps3.tasks.pretrain_cost:probe",
+    "vila_hd": "ps3.tasks.vila_hd_cost:probe",
+}
+
+__all__ = ["PARAM_CHECKS", "PROBES", "TASKS"]

@@ -27,15 +27,7 @@ from .common import (
     unwrap,
 )
 from .params import PretrainParams
-
-
-def flops_per_sample(model: PS3Model) -> float:
-    """Training FLOPs per image (6 x parameters x tokens, per tower): an MFU estimate."""
-    p = model.preset
-    vision_params = sum(x.numel() for x in model.vision_model.parameters())
-    text_params = sum(x.numel() for x in model.text_model.parameters())
-    vision_tokens = (p.scales[0] // p.patch_size) ** 2 + p.max_select_num
-    return 6.0 * (vision_params * vision_tokens + text_params * p.text_context_length)
+from .pretrain_cost import counted_flops_per_sample
 
 
 def build(ctx: RunContext) -> TaskState:
@@ -46,7 +38,7 @@ def build(ctx: RunContext) -> TaskState:
     tokenizer = tokenizer_for(ctx, preset)
     model = PS3Model(preset)
     init_weights(model, ctx.stage.model.init_from)
-    flops = flops_per_sample(model)
+    flops = counted_flops_per_sample(preset)  # MFU's numerator: counted on the meta device, cached per preset
     data = loader_for(ctx, preset, tokenizer, ctx.stage.data.sources,
                       global_caption_fraction=ctx.stage.data.global_caption_fraction)
     model = ctx.parallelize(model)

@@ -115,7 +115,8 @@ def test_custom_pools_replace_the_defaults(chart_engine):
     pools = {"h100": None, "a100": None, "cpu": None,
              "l40s": {"gpusPerNode": 4, "gpuResource": "nvidia.com/gpu", "nodeSelector": {"pool": "l40s"},
                       "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                      "priorityClass": "team-a", "kueueQueue": "team-a", "schedulerQueue": "gang-a"}}
+                      "priorityClass": "team-a", "kueueQueue": "team-a", "schedulerQueue": "gang-a",
+                      "gpuPeakTflops": 362, "gpuMemoryGb": 48, "pricePerGpuHour": 1.1}}
     objs = chart_engine.objects(chart_engine.render({"pools": pools}))
     parsed = parse_pools(one(objs, "ConfigMap", "ps3-platform-pools")["data"]["pools.yaml"], "cm")
     assert list(parsed.pools) == ["l40s"]

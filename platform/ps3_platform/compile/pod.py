@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from ps3_platform.ports import RAY_PORTS
 from ps3_platform.spec import JobSpec, Pool, Stage, storage_of
+from ps3_platform.spec.pools import pool_env
 from ps3_platform.spec.models import RAY_TASKS
 
 from .configmap import SPEC_PATH, spec_mount, spec_volume
@@ -112,7 +113,7 @@ def _container(job: JobSpec, stage: Stage, pool: Pool, image: str, grace_seconds
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": command(stage.name),
-        "env": _env(job, stage, grace_seconds),
+        "env": _env(job, stage, grace_seconds) + pool_env(pool, stage.env),  # + the pool's GPU peak, for MFU
         "ports": _ports(stage),
         "volumeMounts": [spec_mount(), {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
                          *({"name": name, "mountPath": path} for name, path in SCRATCH_VOLUMES.items())],

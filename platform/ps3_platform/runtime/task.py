@@ -21,7 +21,8 @@ from ps3_platform.spec import BatchPlan, Stage
 
 from .metrics import Metrics
 
-#: Where the runtime finds tasks by name (module with a `TASKS` dict of name -> "module:function").
+#: Where the runtime finds tasks by name (module with a `TASKS` dict of name -> "module:function",
+#: and a `PROBES` dict for the training tasks that `platformctl estimate` can trace; see `TaskProbe`).
 TASK_REGISTRY_MODULE = "ps3.tasks"
 
 
@@ -95,8 +96,34 @@ class TaskState:
     after_optimizer_step: Callable[[], None] | None = None
 
 
+@dataclass
+class TaskProbe:
+    """A training task's step without data, weights or a process group: what `platformctl
+    estimate` traces (FLOPs, memory) and what the MFU figure counts.
+
+    A task offers one through `PROBES` in the task registry: "module:function", the function
+    taking `(stage, device)` and returning this, importable without the task's data. On the
+    meta device nothing is allocated, so a 4K model costs nothing to build. It raises
+    `ProbeUnavailableError` when the model cannot be built from the spec alone (weights of
+    another model read by path) and `TaskSetupError` for a spec the task would refuse.
+    """
+
+    model: nn.Module
+    """The stage's model on the probe's device, as `build()` makes it before `ctx.parallelize`
+    (trainable parameters are those with `requires_grad`)."""
+    batch: Callable[[int], Any]
+    """`batch(n)`: a micro-batch of n samples with the shapes and dtypes the task's loader gives."""
+    loss: Callable[[nn.Module, Any], torch.Tensor]
+    """`loss(model, batch)`: the forward the task's `step` runs, to the scalar it trains on."""
+
+
 class UnknownTaskError(LookupError):
     pass
+
+
+class ProbeUnavailableError(LookupError):
+    """A task has no probe, or cannot build its model from the spec alone; the message says why
+    in a few words ("not a training task", "model needs params.llm ...")."""
 
 
 class TaskSetupError(RuntimeError):
@@ -111,3 +138,13 @@ def resolve_task(name: str) -> Callable[[RunContext], TaskState]:
         raise UnknownTaskError(f"unknown task {name!r}; registered: {', '.join(sorted(registry))}")
     module, _, attr = registry[name].partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def build_probe(stage: Stage, device: torch.device | str = "meta") -> TaskProbe:
+    """The probe of `stage`'s task with its model on `device` (see `TaskProbe`)."""
+    registry = importlib.import_module(TASK_REGISTRY_MODULE)
+    probes = getattr(registry, "PROBES", {})
+    if stage.task not in probes:
+        raise ProbeUnavailableError(f"not a training task ({stage.task})")
+    module, _, attr = probes[stage.task].partition(":")
+    return getattr(importlib.import_module(module), attr)(stage, torch.device(device))

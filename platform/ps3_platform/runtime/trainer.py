@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from ps3_platform.spec.pools import PEAK_TFLOPS_ENV
 
 from .checkpoint import CheckpointAbandonedError
 from .distributed import WorldInfo, uses_autocast
@@ -43,7 +46,14 @@ class StepStats:
 
 
 def _peak_flops(device: torch.device) -> float:
-    """Dense bf16 peak per device, for the MFU estimate (CPU: a nominal 100 GFLOP/s)."""
+    """Dense bf16 peak FLOP/s of one device: MFU's denominator.
+
+    The pool's `gpuPeakTflops`, which the compiler puts in the pod's environment; without
+    one (a local run, a pool that does not say), a table by device name, and a nominal
+    100 GFLOP/s on CPU.
+    """
+    if pool_peak := os.environ.get(PEAK_TFLOPS_ENV):
+        return float(pool_peak) * 1e12
     if device.type != "cuda":
         return 1e11
     name = torch.cuda.get_device_name(device)

@@ -19,6 +19,8 @@ from pydantic.alias_generators import to_camel
 POOLS_CONFIGMAP = "ps3-platform-pools"
 POOLS_KEY = "pools.yaml"
 DEFAULT_POOLS_FILE = Path(__file__).with_name("default_pools.yaml")
+#: Set on a pool's workers (by the compiler) to its `gpuPeakTflops`: the denominator of their MFU.
+PEAK_TFLOPS_ENV = "PS3_GPU_PEAK_TFLOPS"
 
 
 class Pool(BaseModel):
@@ -31,6 +33,22 @@ class Pool(BaseModel):
     priority_class: str | None = Field(None, description="PriorityClass of the pool's pods.")
     kueue_queue: str | None = Field(None, description="Kueue LocalQueue; adds kueue.x-k8s.io/queue-name.")
     scheduler_queue: str | None = Field(None, description="Gang-scheduler queue (runPolicy.schedulingPolicy.queue).")
+    gpu_peak_tflops: float | None = Field(
+        None, gt=0, description="Dense bf16 peak TFLOP/s of one GPU (H100 SXM: 989, A100: 312): MFU's denominator "
+                                "on the workers and `platformctl estimate`'s step time.")
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Memory of one GPU in GiB (H100 80GB: 80): what `platformctl estimate` checks "
+                                "a stage's peak against.")
+    price_per_gpu_hour: float | None = Field(
+        None, ge=0, description="Price of one GPU-hour, in whatever currency the admin bills in: "
+                                "`platformctl estimate` prices a stage with it.")
+
+
+def pool_env(pool: Pool, stage_env: dict[str, str]) -> list[dict]:
+    """Container env a pool gives its workers: its GPUs' peak FLOP/s, unless the stage sets it."""
+    if pool.gpu_peak_tflops is None or PEAK_TFLOPS_ENV in stage_env:
+        return []
+    return [{"name": PEAK_TFLOPS_ENV, "value": f"{pool.gpu_peak_tflops:g}"}]
 
 
 class PoolConfig(BaseModel):
