@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ps3.model import PS3Model, get_preset
 from ps3.tasks.common import to_device
+from ps3.tasks.params import PretrainParams
+from ps3.tasks.pretrain_cost import example_batch, pretrain_loss
+
 
 
 def _batch(pinned: bool = False) -> dict:
@@ -54,3 +58,28 @@ def test_pinned_batches_copy_without_blocking_and_normalise_on_the_gpu():
     out = to_device(batch, device)
     torch.cuda.synchronize()
     _check(out, batch, device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_micro_batch_never_waits_for_the_gpu():
+    """Issue 18 item 4: copy, normalise, forward, loss and backward of a pre-training
+    micro-batch run under `set_sync_debug_mode("error")`, so any `.item()`, `.cpu()` or
+    blocking copy on that path fails here (the step reads its loss once, after the last one)."""
+    device = torch.device("cuda")
+    preset = get_preset("ps3-tiny")
+    model = PS3Model(preset).to(device)
+    host = {}
+    for key, value in example_batch(preset, 4, torch.device("cpu")).items():  # pinned; pixels as the loader's uint8
+        pixels = key in ("lowres", "selection_view", "hr_patches", "highres")
+        pin = lambda t: (t.clamp(-1, 1).add(1).mul(127.5).to(torch.uint8) if pixels else t).pin_memory()
+        host[key] = [pin(t) for t in value] if isinstance(value, list) else pin(value)
+    pretrain_loss(model, to_device(host, device), PretrainParams()).backward()  # warm-up: lazy inits may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = pretrain_loss(model, to_device(host, device), PretrainParams())
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss.detach()).item()
