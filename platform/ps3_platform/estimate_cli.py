@@ -14,7 +14,12 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ps3_platform.estimate import GIB, USABLE_MEMORY_FRACTION, StageEstimate, estimate_job
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the estimate package imports torch; building the CLI's parser (validate) must not
+    from ps3_platform.estimate import StageEstimate
+
+GIB = 2**30
 
 
 def add_estimate_options(p: argparse.ArgumentParser) -> None:
@@ -28,6 +33,8 @@ def add_estimate_options(p: argparse.ArgumentParser) -> None:
 
 def run_estimate(job, pools, args: argparse.Namespace) -> int:
     """Estimate every stage of a loaded, checked job and print the result."""
+    from ps3_platform.estimate import USABLE_MEMORY_FRACTION, estimate_job
+
     estimates = estimate_job(job, pools, pool=args.pool, mfu=args.mfu)
     if args.output == "json":
         print(json.dumps({"job": job.metadata.name, "mfu": args.mfu, "usableMemoryFraction": USABLE_MEMORY_FRACTION,
@@ -57,6 +64,8 @@ def _gib(value: int | None) -> str:
 
 def _rows(e: StageEstimate) -> list[tuple[str, str]]:
     """(label, value) of one stage, in the order the table shows them."""
+    from ps3_platform.estimate import USABLE_MEMORY_FRACTION
+
     m = e.memory
     fits = "-" if e.fits is None else ("yes" if e.fits else "NO")
     return [

@@ -9,6 +9,7 @@ the global order stays a function of (seed, position).
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from .records import BadSample, clip_box
 from .retry import ReadRetry
 from .sampling import Slot, replacement
 from .shards import read_sample_bytes
-from .views import FastPixels, ViewConfig, normalize_pixels, sample_tensors
+from .views import FastPixels, ViewConfig, lowres_tensors, normalize_pixels, sample_tensors
 
 log = logging.getLogger(__name__)
 #: After this many bad samples in a row for one slot, the source is considered broken.
@@ -146,10 +147,16 @@ class MicroBatchMaker:
         else:
             if not record.boxes:
                 raise BadSample("no_boxes", entry.key)
-            j = int(np.random.default_rng(slot.seed).integers(len(record.boxes)))
+            rng = np.random.default_rng(slot.seed)
+            j = int(rng.integers(len(record.boxes)))
             caption, box = record.captions[j], clip_box(record.boxes[j], record.width, record.height)
-        every_box = [clip_box(b, record.width, record.height) for b in record.boxes]
-        tensors = sample_tensors(FastPixels(dec, image, entry.key), record.width, record.height, box, self.views, every_box)
+        pixels = FastPixels(dec, image, entry.key)
+        if self.views.local_crop is not None:  # low-res contrastive pre-training
+            factor = 1.0 if box is None else math.exp(rng.uniform(*np.log(self.views.local_crop)))
+            tensors = lowres_tensors(pixels, record.width, record.height, box, self.views, factor)
+        else:
+            every_box = [clip_box(b, record.width, record.height) for b in record.boxes]
+            tensors = sample_tensors(pixels, record.width, record.height, box, self.views, every_box)
         ref = self.sources[slot.source]
         return Pair(tensors, caption, slot.is_global, ref.id_base | idx, ref.position)
 
@@ -171,14 +178,15 @@ def collate(pairs: list[Pair]) -> dict:
     """
     first = pairs[0].tensors
     batch: dict = {
-        "lowres": torch.stack([p.tensors["lowres"] for p in pairs]),  # [B, 3, S0, S0]
-        "selection_view": torch.stack([p.tensors["selection_view"] for p in pairs]),  # [B, 3, Ssel, Ssel]
+        key: torch.stack([p.tensors[key] for p in pairs])  # [B, 3, S0, S0], [B, 3, Ssel, Ssel]
+        for key in ("lowres", "selection_view") if key in first  # low-res pre-training has no selection view
+    } | {
         "is_global": torch.tensor([p.is_global for p in pairs], dtype=torch.bool),  # [B]
         "sample_id": torch.tensor([p.sample_id for p in pairs], dtype=torch.long),  # [B]
         "source": torch.tensor([p.source for p in pairs], dtype=torch.long),  # [B]
     }
     for key in ("gt_maps", "saliency_maps", "highres", "hr_index", "hr_patches"):
-        if first[key]:
+        if first.get(key):
             batch[key] = [torch.stack([p.tensors[key][s] for p in pairs]) for s in range(len(first[key]))]
     return batch
 

@@ -235,13 +235,16 @@ def build_loader(sources: Sequence[DataSource | Mapping], *, rank: int, world_si
                  micro_batch: int, seed: int, scales: Sequence[int], patch_size: int, budgets: Sequence[int],
                  selection_view_size: int, context_length: int, tokenize: Tokenize, num_workers: int = 0,
                  global_caption_fraction: float = 0.25, highres: str = "auto",
-                 read_retry_seconds: float = 300.0, pin_memory: bool = False) -> PS3Loader:
+                 read_retry_seconds: float = 300.0, pin_memory: bool = False,
+                 local_crop: tuple[float, float] | None = None) -> PS3Loader:
     """Keyword-only adapter for a task's composition root: flat preset numbers in, loader out.
 
     `sources` are DataSource or mappings with name, uri and optional weight (the spec's
     data.sources). The preset numbers come from ps3.model's preset as plain values.
+    `local_crop` makes low-res contrastive batches instead (`ViewConfig.local_crop`).
     """
-    views = ViewConfig(tuple(scales), patch_size, tuple(budgets), selection_view_size, context_length, highres)
+    views = ViewConfig(tuple(scales), patch_size, tuple(budgets), selection_view_size, context_length, highres,
+                       local_crop=tuple(local_crop) if local_crop else None)
     config = LoaderConfig(global_batch, micro_batch, seed, num_workers, global_caption_fraction,
                           read_retry_seconds=read_retry_seconds, pin_memory=pin_memory)
     return PS3Loader(sources, views, tokenize, rank=rank, world_size=world_size, config=config)

@@ -51,6 +51,7 @@ class ViewConfig:
     context_length: int  # caption tokens, e.g. 64
     highres: str = "auto"  # "full" (whole views), "patches" (pre-gathered) or "auto"
     full_max: int = 1024  # "auto" gives whole views when the largest scale is at most this
+    local_crop: tuple[float, float] | None = None  # low-res only: local pairs see a crop this many box sides wide
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", tuple(int(s) for s in self.scales))
@@ -66,6 +67,8 @@ class ViewConfig:
                 raise ValueError(f"budget {k} at scale {s} must be in [0, {(s // self.patch_size) ** 2}]")
         if self.highres not in ("auto", "full", "patches"):
             raise ValueError(f"highres must be auto, full or patches, got {self.highres!r}")
+        if self.local_crop is not None and not 1.0 <= self.local_crop[0] <= self.local_crop[1]:
+            raise ValueError(f"local_crop must be [low, high] with 1 <= low <= high, got {list(self.local_crop)}")
 
     @property
     def patches(self) -> bool:
@@ -82,6 +85,8 @@ class ViewConfig:
         With pre-gathered patches and region decoding, those are only the low-res and
         selection views (the windows get their own decode); otherwise every view.
         """
+        if self.local_crop is not None:  # only the low-res view; crops decode their own regions
+            return self.scales[0]
         if self.patches and region_decoding():
             return max(self.scales[0], math.ceil(self.selection_view_size * SELECTION_GAP))
         return max(max(self.scales), self.selection_view_size)
@@ -240,3 +245,33 @@ def sample_tensors(pixels: Pixels, width: int, height: int, box: Box | None, cfg
     if cfg.patches:
         out["hr_patches"] = gather_patches(pixels, cfg, [i.numpy() for i in out["hr_index"]])
     return out
+
+
+def crop_window(width: int, height: int, box: Box, size: int, factor: float) -> Window:
+    """A size x size window centred on `box`, `factor` times its longer side wide.
+
+    In view coordinates, as every view: the window is taken from the squash-resized view
+    whose size makes the crop exactly `size` pixels, so a crop is squashed like the low-res
+    view the model sees at pre-training (a factor too wide for the image gives the whole view).
+    """
+    share = max((box[2] - box[0]) / width, (box[3] - box[1]) / height, 1e-6)  # box side / view side
+    view = max(size, round(size / (factor * share)))
+    cx, cy = (box[0] + box[2]) / 2 / width * view, (box[1] + box[3]) / 2 / height * view
+    x0 = min(max(round(cx - size / 2), 0), view - size)
+    y0 = min(max(round(cy - size / 2), 0), view - size)
+    return view, (x0, y0, x0 + size, y0 + size)
+
+
+def lowres_tensors(pixels: Pixels, width: int, height: int, box: Box | None, cfg: ViewConfig,
+                   factor: float = 1.0) -> dict:
+    """One sample of low-res contrastive pre-training (SigLIP's step at the base scale).
+
+    lowres [3, S0, S0] uint8: the whole image for a global pair (`box` None), else a crop
+    around the box `factor` box sides wide (`crop_window`). Crops are how a low-res encoder
+    meets what local captions name at a size it can see, as SigLIP met objects in web photos
+    at every scale; in the whole 64 px view of the tiny preset a sign is a few pixels.
+    """
+    if box is None:
+        return {"lowres": channels_first(pixels.full(cfg.scales[0]))}
+    window = crop_window(width, height, box, cfg.scales[0], factor)
+    return {"lowres": channels_first(pixels.windows([window])[0])}

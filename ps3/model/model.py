@@ -117,4 +117,18 @@ class PS3Model(nn.Module):
             topdown_probs=vis.topdown_probs, bottomup_probs=vis.bottomup_probs, hr_index=vis.hr_index,
         )
 
-    forward = forward_pretrain
+    def forward_lowres(self, batch: Mapping[str, Any]) -> PretrainOutput:
+        """Low-res contrastive pre-training (SigLIP's step at the base scale): the pooled low-res
+        feature of `lowres` against the caption. The paper's PS3 starts from such an encoder;
+        the `lowres_pretrain` stage trains one. No selection, so no maps and no high-res index."""
+        text = self.text_model(batch["tokens"])  # [B, E]
+        image = self.vision_model.encode_lowres(batch["lowres"]).pooled  # [B, E]
+        return PretrainOutput(image_features=F.normalize(image, dim=-1), text_features=F.normalize(text, dim=-1),
+                              logit_scale=self.logit_scale.exp(), logit_bias=self.logit_bias.clone(),
+                              topdown_probs=[], bottomup_probs=[], hr_index=[])
+
+    def forward(self, batch: Mapping[str, Any]) -> PretrainOutput:
+        """A batch without a selection view is a low-res contrastive one (`forward_lowres`),
+        any other a PS3 pre-training one (`forward_pretrain`). One `forward`, so DDP and FSDP2
+        hooks see either."""
+        return self.forward_pretrain(batch) if "selection_view" in batch else self.forward_lowres(batch)

@@ -9,6 +9,7 @@ TASKS: dict[str, str] = {
     "sleep": "ps3.tasks.noop:build_sleep",
     "synth_data": "ps3.tasks.synth:build",
     "curate": "ps3.tasks.curate:build",
+    "lowres_pretrain": "ps3.tasks.lowres_pretrain:build",
     "ps3_pretrain": "ps3.tasks.pretrain:build",
     "ps3_eval": "ps3.tasks.evaluate:build",
     "synth_vqa": "ps3.tasks.synth_vqa:build",
@@ -31,6 +32,7 @@ PARAM_CHECKS: dict[str, str] = {
 #: (stage, device) and returning the stage's model, a micro-batch maker and its loss, for
 #: `platformctl estimate` and the counted FLOPs behind MFU. Tasks without one are not estimated.
 PROBES: dict[str, str] = {
+    "lowres_pretrain": "ps3.tasks.pretrain_cost:lowres_probe",
     "ps3_pretrain": "ps3.tasks.pretrain_cost:probe",
     "vila_hd": "ps3.tasks.vila_hd_cost:probe",
 }

@@ -8,6 +8,7 @@ a `TaskSetupError` naming the field to change, before any GPU time is spent.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import fsspec
 import torch
@@ -76,7 +77,8 @@ def tokenizer_for(ctx: RunContext, preset: PS3Preset):
 
 def loader_for(ctx: RunContext, preset: PS3Preset, tokenizer, sources, *, global_caption_fraction: float,
                global_batch: int | None = None, micro_batch: int | None = None, rank: int | None = None,
-               world_size: int | None = None, seed: int | None = None):
+               world_size: int | None = None, seed: int | None = None,
+               local_crop: tuple[float, float] | None = None):
     if not sources:
         raise TaskSetupError("spec data.sources is empty: name at least one shard directory")
     try:
@@ -89,6 +91,7 @@ def loader_for(ctx: RunContext, preset: PS3Preset, tokenizer, sources, *, global
             context_length=preset.text_context_length, tokenize=tokenizer,
             num_workers=ctx.stage.data.num_workers, global_caption_fraction=global_caption_fraction,
             read_retry_seconds=ctx.stage.data.read_retry_seconds, pin_memory=ctx.device.type == "cuda",
+            local_crop=local_crop,
         )
     except (DataSourceError, SamplingError) as exc:
         raise TaskSetupError(f"spec data: {exc}") from None
@@ -114,16 +117,25 @@ def check_data_reaches_preset(preset: PS3Preset, sources, probe: int = 8) -> Non
         )
 
 
-def init_weights(model: PS3Model, uri: str | None) -> None:
-    """Start from SigLIP (HF `SiglipModel` layout) or a released/exported PS3 checkpoint."""
+def init_weights(model: PS3Model, uri: str | None, load_stage: Callable[[PS3Model, str], int] | None = None) -> None:
+    """Start from SigLIP (HF `SiglipModel` layout), a released/exported PS3 checkpoint, or, with
+    `load_stage` (the runtime's `load_weights`), another stage's committed checkpoint of the
+    same model (what `lowres_pretrain` hands `ps3_pretrain`: the paper's order)."""
     if not uri:
         return
     try:
         with fsspec.open(f"{uri.rstrip('/')}/config.json") as f:
             config = json.load(f)
     except FileNotFoundError:
-        raise TaskSetupError(f"spec model.initFrom {uri}: no config.json there (expected a SigLIP or PS3 "
-                             "checkpoint directory)") from None
+        if load_stage is None:
+            raise TaskSetupError(f"spec model.initFrom {uri}: no config.json there (expected a SigLIP or PS3 "
+                                 "checkpoint directory)") from None
+        try:
+            load_stage(model, uri)
+        except TaskSetupError as exc:
+            raise TaskSetupError(f"spec model.initFrom {uri}: no config.json there (a SigLIP or PS3 checkpoint "
+                                 f"directory) and no stage checkpoint either: {exc}") from None
+        return
     except (OSError, ValueError) as exc:  # unreachable store, unreadable or malformed JSON
         raise TaskSetupError(f"spec model.initFrom {uri}: cannot read config.json: {exc}") from None
     try:

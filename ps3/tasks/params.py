@@ -45,6 +45,29 @@ class SynthParams(TaskParams):
     pages_per_pdf: int = Field(0, ge=0, description="raw layout: bind document pages into PDFs of this many pages.")
     sign_words: bool = Field(True, description="Scene signs carry a word ('... sign reading cat'); off for models "
                                                "too small to read, whose captions are then colour + shape.")
+    sign_size: tuple[float, float] = Field(
+        (0.042, 0.05), description="Scene signs' side as a share of the long side, [low, high]. The tiny preset's "
+                                   "64 px low-res view shows a sign's colour from about 0.1 (6 px; at 0.05 it is a "
+                                   "3 px blob), its shape only in the high-res views either way.")
+
+    @field_validator("sign_size")
+    @classmethod
+    def _sign_size(cls, value: tuple[float, float]) -> tuple[float, float]:
+        return _range_within(value, 0.01, 0.2)
+
+
+class LowresPretrainParams(TaskParams):
+    crop_context: tuple[float, float] = Field(
+        (1.5, 16.0), description="Local pairs show a crop around their box this many box sides wide, drawn "
+                                 "log-uniformly from [low, high]: from the object filling the view to the object "
+                                 "in a wide context, as web photos show things (global pairs: the whole image).")
+    contrastive_exchange: Literal["ring", "all_gather"] = Field(
+        "ring", description="How ranks share texts for the sigmoid loss (as ps3_pretrain's).")
+
+    @field_validator("crop_context")
+    @classmethod
+    def _crop_context(cls, value: tuple[float, float]) -> tuple[float, float]:
+        return _range_within(value, 1.0)
 
 
 class PretrainParams(TaskParams):
@@ -243,6 +266,7 @@ PARAM_MODELS: dict[str, type[BaseModel]] = {
     "noop": NoopParams,
     "sleep": NoopParams,
     "synth_data": SynthParams,
+    "lowres_pretrain": LowresPretrainParams,
     "ps3_pretrain": PretrainParams,
     "ps3_eval": EvalParams,
     "synth_vqa": SynthVqaParams,

@@ -37,7 +37,7 @@ def build(ctx: RunContext) -> TaskState:
     check_data_reaches_preset(preset, ctx.stage.data.sources)
     tokenizer = tokenizer_for(ctx, preset)
     model = PS3Model(preset)
-    init_weights(model, ctx.stage.model.init_from)
+    init_weights(model, ctx.stage.model.init_from, load_stage=ctx.load_weights)
     flops = counted_flops_per_sample(preset)  # MFU's numerator: counted on the meta device, cached per preset
     data = loader_for(ctx, preset, tokenizer, ctx.stage.data.sources,
                       global_caption_fraction=ctx.stage.data.global_caption_fraction)

@@ -26,7 +26,7 @@ from ps3_platform.spec import Stage
 
 from .params import PretrainParams
 
-__all__ = ["analytic_flops_per_sample", "counted_flops_per_sample", "example_batch", "probe"]
+__all__ = ["analytic_flops_per_sample", "counted_flops_per_sample", "example_batch", "lowres_probe", "probe"]
 
 
 def _params(stage: Stage) -> PretrainParams:
@@ -99,6 +99,28 @@ def probe(stage: Stage, device: torch.device) -> TaskProbe:
         model = PS3Model(preset)
     return TaskProbe(model=model, batch=lambda n: example_batch(preset, n, device),
                      loss=lambda m, batch: pretrain_loss(m, batch, params))
+
+
+def lowres_probe(stage: Stage, device: torch.device) -> TaskProbe:
+    """The `lowres_pretrain` stage's model on `device` (selection frozen, as the stage has it),
+    its low-res micro-batches and its contrastive loss."""
+    from .lowres_pretrain import freeze_selection
+
+    preset = _preset(stage, PretrainParams())
+    with torch.device(device):
+        model = PS3Model(preset)
+    freeze_selection(model)
+
+    def batch(n: int) -> dict:
+        p = preset
+        return {"lowres": torch.randn(n, 3, p.scales[0], p.scales[0], device=device),
+                "tokens": torch.randint(0, p.text_vocab_size, (n, p.text_context_length), device=device)}
+
+    def loss(m: PS3Model, batch: dict) -> torch.Tensor:
+        out = m(batch)
+        return sigmoid_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+
+    return TaskProbe(model=model, batch=batch, loss=loss)
 
 
 @functools.lru_cache(maxsize=8)

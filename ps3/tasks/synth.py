@@ -28,11 +28,11 @@ def vocabulary_captions() -> list[str]:
 
 
 def _config(params: SynthParams) -> synth.SynthConfig:
+    signs = dict(sign_words=params.sign_words, sign_fraction=tuple(params.sign_size))
     if params.max_side is None:
-        return synth.SynthConfig(sign_words=params.sign_words)
+        return synth.SynthConfig(**signs)
     cap = params.max_side
-    return synth.SynthConfig(scene_size=(min(2048, cap), cap), doc_long_side=(min(1024, cap), cap),
-                             sign_words=params.sign_words)
+    return synth.SynthConfig(scene_size=(min(2048, cap), cap), doc_long_side=(min(1024, cap), cap), **signs)
 
 
 def build(ctx: RunContext) -> TaskState:

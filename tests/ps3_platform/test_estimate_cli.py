@@ -41,8 +41,11 @@ def test_quickstart_json_has_every_figure_and_notes_the_other_stages(capsys):
     result = _estimate(capsys)
     assert result["job"] == "quickstart" and result["mfu"] == 0.4
     notes = {s["stage"]: s["note"] for s in result["stages"]}
-    assert notes == {"data": "not a training task (synth_data)", "pretrain": None,
+    assert notes == {"data": "not a training task (synth_data)", "lowres": None, "pretrain": None,
                      "evaluate": "not a training task (ps3_eval)"}
+    lowres = next(s for s in result["stages"] if s["stage"] == "lowres")
+    assert lowres["trainable"] < lowres["parameters"]  # the selection modules wait for pre-training
+    assert lowres["flops_per_sample"] < _pretrain(result)["flops_per_sample"] / 3  # no high-res pass
     stage = _pretrain(result)
     assert (stage["world_size"], stage["micro_batch"], stage["accumulation"], stage["steps"]) == (2, 16, 1, 300)
     assert stage["parameters"] == stage["trainable"] > 500_000

@@ -23,8 +23,8 @@ API_VERSION = "ps3.platform/v1"
 
 #: Tasks the runtime knows. Kept here (not imported from `ps3.tasks`) so validating a
 #: spec never imports torch; a test checks this list against the task registry.
-KNOWN_TASKS = ("noop", "sleep", "synth_data", "curate", "ps3_pretrain", "ps3_eval", "synth_vqa", "import_llava",
-               "vila_hd", "hr_sft_synth", "selection_data", "vila_hd_eval")
+KNOWN_TASKS = ("noop", "sleep", "synth_data", "curate", "lowres_pretrain", "ps3_pretrain", "ps3_eval", "synth_vqa",
+               "import_llava", "vila_hd", "hr_sft_synth", "selection_data", "vila_hd_eval")
 #: Tasks whose workers form a Ray cluster: their pods name the Ray ports (`ps3_platform.ports`).
 RAY_TASKS = ("curate",)
 #: An evaluating stage's results (`eval.json`): in its run directory and, copied by the runtime,
