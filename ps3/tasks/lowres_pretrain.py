@@ -20,6 +20,7 @@ from ps3_platform.runtime.task import RunContext, StepResult, TaskState
 
 from .common import init_weights, loader_for, parse_params, preset_for, to_device, tokenizer_for, unwrap
 from .params import LowresPretrainParams
+from .pretrain_cost import counted_lowres_flops_per_sample
 
 #: What a low-res contrastive step trains: the vision trunk, the text tower (its prompt head
 #: excepted: it serves selection) and the logit temperature and bias.
@@ -56,5 +57,5 @@ def build(ctx: RunContext) -> TaskState:
 
     return TaskState(
         model=model, optimizer=optimizer, scheduler=ctx.build_scheduler(optimizer), data=data, step=step,
-        bad_sample_counts=data.bad_sample_counts, after_optimizer_step=lambda: clamp_logit_scale_(unwrap(model)),
+        flops_per_sample=counted_lowres_flops_per_sample(ctx.stage), bad_sample_counts=data.bad_sample_counts, after_optimizer_step=lambda: clamp_logit_scale_(unwrap(model)),
     )

@@ -123,6 +123,11 @@ def lowres_probe(stage: Stage, device: torch.device) -> TaskProbe:
     return TaskProbe(model=model, batch=batch, loss=loss)
 
 
+def counted_lowres_flops_per_sample(stage: Stage, micro_batch: int = 2) -> float:
+    """Training FLOPs per image of a `lowres_pretrain` step, counted on the meta device."""
+    return count_flops(lowres_probe(stage, torch.device("meta")), micro_batch) / micro_batch
+
+
 @functools.lru_cache(maxsize=8)
 def counted_flops_per_sample(preset: PS3Preset, micro_batch: int = 2) -> float:
     """Training FLOPs per image, counted by `torch.utils.flop_counter` on the meta device.

@@ -12,8 +12,9 @@ from ps3_platform.cli import main
 ROOT = Path(__file__).resolve().parents[3]
 SHRINK = [
     "spec.stages[0].params.samples=12", "spec.stages[0].params.evalSamples=8", "spec.stages[0].params.maxSide=512",
-    "spec.stages[1].train.steps=4", "spec.stages[1].train.globalBatch=8", "spec.stages[1].checkpoint.intervalSteps=2",
-    "spec.stages[2].params.batches=1", "spec.stages[2].params.batchSize=8",
+    "spec.stages[1].train.steps=2", "spec.stages[1].train.globalBatch=8", "spec.stages[1].checkpoint.intervalSteps=2",
+    "spec.stages[2].train.steps=4", "spec.stages[2].train.globalBatch=8", "spec.stages[2].checkpoint.intervalSteps=2",
+    "spec.stages[3].params.batches=1", "spec.stages[3].params.batchSize=8",
 ]
 
 
@@ -27,7 +28,7 @@ def test_quickstart_pipeline_runs_and_reports_eval(platform_home, capsys):
     assert main(["status", "quickstart", "-o", "json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["phase"] == "Succeeded"
-    assert [s["phase"] for s in status["stages"]] == ["Succeeded"] * 3
+    assert [s["phase"] for s in status["stages"]] == ["Succeeded"] * 4
     for key in ("retrieval_r1", "retrieval_r1_lowres", "retrieval_r1_untrained", "recall_topdown",
                 "recall_bottomup", "recall_random"):
         assert 0.0 <= status["eval"][key] <= 1.0, key
@@ -39,3 +40,5 @@ def test_quickstart_pipeline_runs_and_reports_eval(platform_home, capsys):
     committed = list((platform_home / "runs" / "quickstart" / "checkpoints" / "quickstart" / "pretrain").glob(
         "step-*/manifest.json"))
     assert committed, "pre-training committed checkpoints"
+    logs = "\n".join(p.read_text() for p in (platform_home / "runs" / "quickstart" / "logs").rglob("*.log"))
+    assert "quickstart/lowres/step-000000002" in logs, "pre-training started from the low-res stage's checkpoint"
