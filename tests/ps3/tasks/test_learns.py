@@ -7,8 +7,8 @@ and the low-res features (which cannot tell which of a scene's signs the caption
 learnt selection must find box cells far above chance, and top-down selection (prompted by
 the caption) must find the named sign's cells more often than bottom-up selection, which
 cannot know which of the 3-4 signs is meant: the paper's table 7 claim. Measured over 3
-seeds (docs/benchmarks.md), top-down leads by 0.10-0.12 of recall with a spread of about
-0.02; the margin asserted, 0.05, is more than twice that spread.
+seeds (docs/benchmarks.md), top-down leads by 0.080-0.094 of recall (a spread of 0.014);
+the margin asserted, 0.05, is over three times that spread and below every seed's lead.
 """
 
 from __future__ import annotations
