@@ -124,6 +124,11 @@ def ps3_sample_bytes(g: Geometry) -> int:
     return 3 * (views + highres) + maps + index
 
 
+def lowres_sample_bytes(g: Geometry) -> int:
+    """One low-res contrastive pair (`lowres_pretrain`): the uint8 low-res view or crop alone."""
+    return 3 * g.scales[0] ** 2
+
+
 def vila_hd_sample_bytes(g: Geometry) -> int:
     """One conversation's image, squashed to the top scale as uint8 [3, S, S]; interleaved
     samples with several images need that much per image."""
@@ -144,7 +149,7 @@ def shm_need(stage: Stage) -> ShmNeed | None:
     None when its task or preset is not one whose batches are known here."""
     geometry = geometry_of(stage)
     per_sample = {"ps3_pretrain": ps3_sample_bytes, "ps3_eval": ps3_sample_bytes,
-                  "vila_hd": vila_hd_sample_bytes}.get(stage.task)
+                  "lowres_pretrain": lowres_sample_bytes, "vila_hd": vila_hd_sample_bytes}.get(stage.task)
     if geometry is None or per_sample is None:
         return None
     workers = stage.data.num_workers

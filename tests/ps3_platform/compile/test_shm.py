@@ -92,6 +92,8 @@ def test_overrides_and_task_settings_change_the_need():
     vila = shm_need(stage_of(spec(task="vila_hd", preset="ps3-4k-siglip")))
     assert vila.bytes == 8 * 3 * 3780**2 * 5 + MARGIN
     assert vila_hd_sample_bytes(PRESET_GEOMETRY["ps3-4k-siglip"]) == 3 * 3780**2
+    lowres = shm_need(stage_of(spec(task="lowres_pretrain", preset="ps3-4k-siglip")))
+    assert lowres.bytes == 8 * 3 * 378**2 * 5 + MARGIN  # the low-res view or crop alone
 
 
 @pytest.mark.parametrize("text", [spec(task="noop"), spec(preset="someone-elses"), spec(task="curate")])
