@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -34,6 +32,7 @@ import torch.distributed as dist
 
 from ps3.tasks.pretrain_cost import analytic_flops_per_sample, counted_flops_per_sample
 from ps3_platform.estimate import estimate_stage
+from ps3_platform.estimate.measure import cpu_peak_bytes, training_step
 from ps3_platform.runtime.distributed import ParallelizeConfig, WorldInfo, parallelize, uses_autocast
 from ps3_platform.runtime.optim import param_groups
 from ps3_platform.runtime.task import build_probe
@@ -146,29 +145,8 @@ def _run_row(name: str, train: dict, args, device: torch.device, world: WorldInf
 def _cpu_peak(stage: Stage, micro_batch: int) -> int:
     """Peak bytes of a warm CPU step from torch.profiler's memory timeline (what the CPU
     allocator reported), the CPU's stand-in for `torch.cuda.max_memory_allocated`."""
-    from torch.profiler import ProfilerActivity, profile
-
     torch.manual_seed(0)
-    probe = build_probe(stage, "cpu")
-    model = probe.model
-    if stage.train.activation_checkpointing != "none":
-        model.set_grad_checkpointing(True, every=1 if stage.train.activation_checkpointing == "full" else 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-    def step() -> None:
-        probe.loss(model, probe.batch(micro_batch)).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        step()
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "timeline.json")
-        prof.export_memory_timeline(path, device="cpu")
-        with open(path) as f:
-            _times, sizes = json.load(f)
-    return max(sum(row) for row in sizes)
+    return cpu_peak_bytes(training_step(build_probe(stage, "cpu"), micro_batch, stage.train.activation_checkpointing))
 
 
 def _input_rows(args, device: torch.device) -> list[Row]:
