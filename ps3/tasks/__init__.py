@@ -32,7 +32,7 @@ PARAM_CHECKS: dict[str, str] = {
 #: (stage, device) and returning the stage's model, a micro-batch maker and its loss, for
 #: `platformctl estimate` and the counted FLOPs behind MFU. Tasks without one are not estimated.
 PROBES: dict[str, str] = {
-    "lowres_pretrain": "ps3.tasks.pretrain_cost:lowres_probe",
+    "lowres_pretrain": "ps3.tasks.lowres_pretrain:probe",
     "ps3_pretrain": "ps3.tasks.pretrain_cost:probe",
     "vila_hd": "ps3.tasks.vila_hd_cost:probe",
 }

@@ -11,16 +11,19 @@ and stay as initialised (frozen here, so data parallelism sees no unused paramet
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ps3.losses import sigmoid_loss, sigmoid_loss_all_gather
 from ps3.model import PS3Model, clamp_logit_scale_
 from ps3_platform.runtime.optim import param_groups
-from ps3_platform.runtime.task import RunContext, StepResult, TaskState
+from ps3_platform.runtime.step_trace import count_flops
+from ps3_platform.runtime.task import RunContext, StepResult, TaskProbe, TaskState
+from ps3_platform.spec import Stage
 
 from .common import init_weights, loader_for, parse_params, preset_for, to_device, tokenizer_for, unwrap
 from .params import LowresPretrainParams
-from .pretrain_cost import counted_lowres_flops_per_sample
+from .pretrain_cost import stage_preset
 
 #: What a low-res contrastive step trains: the vision trunk, the text tower (its prompt head
 #: excepted: it serves selection) and the logit temperature and bias.
@@ -57,5 +60,30 @@ def build(ctx: RunContext) -> TaskState:
 
     return TaskState(
         model=model, optimizer=optimizer, scheduler=ctx.build_scheduler(optimizer), data=data, step=step,
-        flops_per_sample=counted_lowres_flops_per_sample(ctx.stage), bad_sample_counts=data.bad_sample_counts, after_optimizer_step=lambda: clamp_logit_scale_(unwrap(model)),
+        flops_per_sample=counted_flops_per_sample(ctx.stage), bad_sample_counts=data.bad_sample_counts, after_optimizer_step=lambda: clamp_logit_scale_(unwrap(model)),
     )
+
+
+# ---- cost (platformctl estimate, MFU) ----------------------------------------------------
+def probe(stage: Stage, device: torch.device) -> TaskProbe:
+    """The stage's model on `device` (selection frozen, as the stage has it), its low-res
+    micro-batches and its contrastive loss."""
+    preset = stage_preset(stage)
+    with torch.device(device):
+        model = PS3Model(preset)
+    freeze_selection(model)
+
+    def batch(n: int) -> dict:
+        return {"lowres": torch.randn(n, 3, preset.scales[0], preset.scales[0], device=device),
+                "tokens": torch.randint(0, preset.text_vocab_size, (n, preset.text_context_length), device=device)}
+
+    def loss(m: PS3Model, batch: dict) -> torch.Tensor:
+        out = m(batch)
+        return sigmoid_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+
+    return TaskProbe(model=model, batch=batch, loss=loss)
+
+
+def counted_flops_per_sample(stage: Stage, micro_batch: int = 2) -> float:
+    """Training FLOPs per image of a step, counted on the meta device (the trainer's MFU)."""
+    return count_flops(probe(stage, torch.device("meta")), micro_batch) / micro_batch

@@ -26,7 +26,7 @@ from ps3_platform.spec import Stage
 
 from .params import PretrainParams
 
-__all__ = ["analytic_flops_per_sample", "counted_flops_per_sample", "example_batch", "lowres_probe", "probe"]
+__all__ = ["analytic_flops_per_sample", "counted_flops_per_sample", "example_batch", "probe", "stage_preset"]
 
 
 def _params(stage: Stage) -> PretrainParams:
@@ -48,6 +48,11 @@ def _preset(stage: Stage, params: PretrainParams) -> PS3Preset:
         return get_preset(stage.model.preset, **overrides)
     except (UnknownPresetError, PresetError, TypeError) as exc:
         raise TaskSetupError(f"spec model: {exc}") from None
+
+
+def stage_preset(stage: Stage) -> PS3Preset:
+    """The preset of any PS3 stage (model.preset with its overrides), as its task builds it."""
+    return _preset(stage, PretrainParams())
 
 
 def example_batch(preset: PS3Preset, n: int, device: torch.device) -> dict:
@@ -99,33 +104,6 @@ def probe(stage: Stage, device: torch.device) -> TaskProbe:
         model = PS3Model(preset)
     return TaskProbe(model=model, batch=lambda n: example_batch(preset, n, device),
                      loss=lambda m, batch: pretrain_loss(m, batch, params))
-
-
-def lowres_probe(stage: Stage, device: torch.device) -> TaskProbe:
-    """The `lowres_pretrain` stage's model on `device` (selection frozen, as the stage has it),
-    its low-res micro-batches and its contrastive loss."""
-    from .lowres_pretrain import freeze_selection
-
-    preset = _preset(stage, PretrainParams())
-    with torch.device(device):
-        model = PS3Model(preset)
-    freeze_selection(model)
-
-    def batch(n: int) -> dict:
-        p = preset
-        return {"lowres": torch.randn(n, 3, p.scales[0], p.scales[0], device=device),
-                "tokens": torch.randint(0, p.text_vocab_size, (n, p.text_context_length), device=device)}
-
-    def loss(m: PS3Model, batch: dict) -> torch.Tensor:
-        out = m(batch)
-        return sigmoid_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
-
-    return TaskProbe(model=model, batch=batch, loss=loss)
-
-
-def counted_lowres_flops_per_sample(stage: Stage, micro_batch: int = 2) -> float:
-    """Training FLOPs per image of a `lowres_pretrain` step, counted on the meta device."""
-    return count_flops(lowres_probe(stage, torch.device("meta")), micro_batch) / micro_batch
 
 
 @functools.lru_cache(maxsize=8)
