@@ -126,7 +126,7 @@ def build(ctx: RunContext) -> TaskState:
                 max_length=params.max_text_tokens + image_tokens, image_tokens=image_tokens, rank=rank,
                 world_size=world_size, global_batch=global_batch, micro_batch=micro_batch,
                 seed=ctx.stage.data.seed, num_workers=ctx.stage.data.num_workers,
-                read_retry_seconds=ctx.stage.data.read_retry_seconds)
+                read_retry_seconds=ctx.stage.data.read_retry_seconds, pin_memory=ctx.device.type == "cuda")
         except (ValueError, OSError) as exc:
             raise TaskSetupError(f"spec data: {exc}") from None
 

@@ -138,6 +138,7 @@ class ConversationLoaderConfig:
     num_workers: int = 0  # worker processes per rank; 0 = produce in the calling process
     prefetch_factor: int = 2  # micro-batches each worker keeps ready
     read_retry_seconds: float = 300.0  # how long one read retries storage errors before the job fails
+    pin_memory: bool = False  # page-locked batches (CUDA), so the copy to the device can be non-blocking
 
 
 class _StepPlanner:
@@ -335,11 +336,12 @@ class _MicroBatches(IterableDataset):
 
 def build_conversation_loader(sources: Sequence, *, tokenizer, image_size: int, max_length: int, image_tokens: int,
                               rank: int, world_size: int, global_batch: int, micro_batch: int, seed: int,
-                              num_workers: int = 0, read_retry_seconds: float = 300.0) -> ConversationLoader:
+                              num_workers: int = 0, read_retry_seconds: float = 300.0,
+                              pin_memory: bool = False) -> ConversationLoader:
     """Keyword-only adapter for a task's composition root: flat numbers in, loader out.
 
     `sources` are DataSource or mappings {"name", "uri", "weight"?} (the spec's data.sources).
     """
     config = ConversationLoaderConfig(image_size, max_length, image_tokens, global_batch, micro_batch, seed,
-                                      num_workers, read_retry_seconds=read_retry_seconds)
+                                      num_workers, read_retry_seconds=read_retry_seconds, pin_memory=pin_memory)
     return ConversationLoader(sources, tokenizer, rank=rank, world_size=world_size, config=config)

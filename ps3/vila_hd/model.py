@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ps3.data.views import normalize_pixels
 from ps3.model.forward import count_looks, run_looks
 from ps3.model.layers import checkpoints_block
 from ps3.model.selection import apply_gt_override
@@ -244,7 +245,7 @@ class VilaHD(nn.Module):
         if dummy:
             top = self.vision_tower.preset.scales[-1]
             images = torch.zeros(1, 3, top, top, dtype=torch.uint8, device=images.device)
-        return images.to(dtype) / 127.5 - 1.0, owner, dummy  # PS3's mean/std 0.5
+        return normalize_pixels(images, dtype), owner, dummy  # PS3's mean/std 0.5, rounded to dtype once
 
     def _lowres_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         n, _, d = tokens.shape
