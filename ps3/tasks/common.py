@@ -27,13 +27,19 @@ from ps3.model import (
     load_siglip_hf,
 )
 from ps3_platform.runtime.task import RunContext, TaskSetupError
+from ps3_platform.spec import Stage
 
 from .params import TaskParams
 
 
 def parse_params(model: type[TaskParams], ctx: RunContext) -> TaskParams:
+    return params_of(model, ctx.stage)
+
+
+def params_of(model: type[TaskParams], stage: Stage) -> TaskParams:
+    """A stage's params as its task's typed model (a task's build and its cost probe alike)."""
     try:
-        return model.model_validate(ctx.params)
+        return model.model_validate(stage.params)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -41,7 +47,12 @@ def parse_params(model: type[TaskParams], ctx: RunContext) -> TaskParams:
 
 
 def preset_for(ctx: RunContext, max_selected: int | None = None) -> PS3Preset:
-    spec = ctx.stage.model
+    return preset_of(ctx.stage, max_selected)
+
+
+def preset_of(stage: Stage, max_selected: int | None = None) -> PS3Preset:
+    """The stage's preset with the spec's overrides (and a cap on selected patches)."""
+    spec = stage.model
     if not spec.preset:
         raise TaskSetupError("spec model.preset is required for PS3 tasks (e.g. ps3-4k-siglip, ps3-tiny)")
     overrides = dict(spec.overrides)

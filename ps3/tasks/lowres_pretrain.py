@@ -21,9 +21,8 @@ from ps3_platform.runtime.step_trace import count_flops
 from ps3_platform.runtime.task import RunContext, StepResult, TaskProbe, TaskState
 from ps3_platform.spec import Stage
 
-from .common import init_weights, loader_for, parse_params, preset_for, to_device, tokenizer_for, unwrap
+from .common import init_weights, loader_for, parse_params, preset_for, preset_of, to_device, tokenizer_for, unwrap
 from .params import LowresPretrainParams
-from .pretrain_cost import stage_preset
 
 #: What a low-res contrastive step trains: the vision trunk, the text tower (its prompt head
 #: excepted: it serves selection) and the logit temperature and bias.
@@ -60,7 +59,8 @@ def build(ctx: RunContext) -> TaskState:
 
     return TaskState(
         model=model, optimizer=optimizer, scheduler=ctx.build_scheduler(optimizer), data=data, step=step,
-        flops_per_sample=counted_flops_per_sample(ctx.stage), bad_sample_counts=data.bad_sample_counts, after_optimizer_step=lambda: clamp_logit_scale_(unwrap(model)),
+        flops_per_sample=counted_flops_per_sample(ctx.stage), bad_sample_counts=data.bad_sample_counts,
+        after_optimizer_step=lambda: clamp_logit_scale_(unwrap(model)),
     )
 
 
@@ -68,7 +68,7 @@ def build(ctx: RunContext) -> TaskState:
 def probe(stage: Stage, device: torch.device) -> TaskProbe:
     """The stage's model on `device` (selection frozen, as the stage has it), its low-res
     micro-batches and its contrastive loss."""
-    preset = stage_preset(stage)
+    preset = preset_of(stage)
     with torch.device(device):
         model = PS3Model(preset)
     freeze_selection(model)

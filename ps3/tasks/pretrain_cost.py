@@ -15,44 +15,18 @@ from __future__ import annotations
 import functools
 
 import torch
-from pydantic import ValidationError
 
 from ps3.data.views import ViewConfig
 from ps3.losses import BoxLossConfig, box_supervision_loss, sigmoid_loss
-from ps3.model import PresetError, PS3Model, PS3Preset, UnknownPresetError, get_preset
+from ps3.model import PS3Model, PS3Preset
 from ps3_platform.runtime.step_trace import count_flops
-from ps3_platform.runtime.task import TaskProbe, TaskSetupError
+from ps3_platform.runtime.task import TaskProbe
 from ps3_platform.spec import Stage
 
+from .common import params_of, preset_of
 from .params import PretrainParams
 
-__all__ = ["analytic_flops_per_sample", "counted_flops_per_sample", "example_batch", "probe", "stage_preset"]
-
-
-def _params(stage: Stage) -> PretrainParams:
-    try:
-        return PretrainParams.model_validate(stage.params)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise TaskSetupError(f"spec params.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-
-
-def _preset(stage: Stage, params: PretrainParams) -> PS3Preset:
-    """The stage's preset as `build()` resolves it (overrides, then the selected-patch cap)."""
-    if not stage.model.preset:
-        raise TaskSetupError("spec model.preset is required for PS3 tasks (e.g. ps3-4k-siglip, ps3-tiny)")
-    overrides = dict(stage.model.overrides)
-    if params.max_selected_patches is not None:
-        overrides["max_select_num"] = params.max_selected_patches
-    try:
-        return get_preset(stage.model.preset, **overrides)
-    except (UnknownPresetError, PresetError, TypeError) as exc:
-        raise TaskSetupError(f"spec model: {exc}") from None
-
-
-def stage_preset(stage: Stage) -> PS3Preset:
-    """The preset of any PS3 stage (model.preset with its overrides), as its task builds it."""
-    return _preset(stage, PretrainParams())
+__all__ = ["analytic_flops_per_sample", "counted_flops_per_sample", "example_batch", "probe"]
 
 
 def example_batch(preset: PS3Preset, n: int, device: torch.device) -> dict:
@@ -98,8 +72,11 @@ def pretrain_loss(model: PS3Model, batch: dict, params: PretrainParams) -> torch
 
 def probe(stage: Stage, device: torch.device) -> TaskProbe:
     """The `ps3_pretrain` stage's model on `device`, its micro-batches and its loss."""
-    params = _params(stage)
-    preset = _preset(stage, params)
+    params = params_of(PretrainParams, stage)
+    return _probe(preset_of(stage, params.max_selected_patches), params, device)
+
+
+def _probe(preset: PS3Preset, params: PretrainParams, device: torch.device) -> TaskProbe:
     with torch.device(device):
         model = PS3Model(preset)
     return TaskProbe(model=model, batch=lambda n: example_batch(preset, n, device),
@@ -111,14 +88,10 @@ def counted_flops_per_sample(preset: PS3Preset, micro_batch: int = 2) -> float:
     """Training FLOPs per image, counted by `torch.utils.flop_counter` on the meta device.
 
     Forward + backward of the real model (selection, both towers, loss) on a micro-batch of
-    two, per image; the count is linear in the batch but for the [B, B] logits of the loss.
+    two, per image; the count is linear in the batch but for the [B, B] logits of the loss
+    (whose weights do not change it: the default params serve).
     """
-    with torch.device("meta"):
-        model = PS3Model(preset)
-    params = PretrainParams()
-    traced = TaskProbe(model=model, batch=lambda n: example_batch(preset, n, torch.device("meta")),
-                       loss=lambda m, batch: pretrain_loss(m, batch, params))
-    return count_flops(traced, micro_batch) / micro_batch
+    return count_flops(_probe(preset, PretrainParams(), torch.device("meta")), micro_batch) / micro_batch
 
 
 def _linear(fan_in: int, fan_out: int, tokens: int, input_grad: bool = True) -> int:

@@ -58,11 +58,6 @@ class StepTrace:
         size (1/world under FSDP, which reduce-scatters each gradient as it lands)."""
         return int(max((other + grads * grad_share for other, grads in self.samples), default=0))
 
-    @property
-    def grad_bytes(self) -> int:
-        """Gradient bytes at the end of the step (full size)."""
-        return self.samples[-1][1] if self.samples else 0
-
 
 # ---- FLOPs of the fused attention kernel (model FLOPs: backward = 2 x forward) ----------------
 def _attention_flops(query_shape, key_shape, value_shape) -> int:
