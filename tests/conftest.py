@@ -56,3 +56,20 @@ def platform_home(tmp_path, monkeypatch):
     monkeypatch.setenv("PS3_PLATFORM_HOME", str(home))
     monkeypatch.delenv("KUBECONFIG", raising=False)
     return home
+
+
+@pytest.fixture
+def data_loader_kwargs(monkeypatch) -> dict:
+    """The keyword arguments the planned loaders (PS3's, VILA-HD's) last built their torch
+    DataLoader with; the DataLoader itself is built without pinning (no GPU in the tests)."""
+    import ps3.data.loader as planned
+
+    seen: dict = {}
+
+    class Recording(planned.DataLoader):
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+            super().__init__(*args, **{**kwargs, "pin_memory": False})
+
+    monkeypatch.setattr(planned, "DataLoader", Recording)
+    return seen

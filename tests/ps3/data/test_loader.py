@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import ps3.data.loader as loader_module
 from ps3.data.batches import IMAGE_KEYS, normalize_images
 from ps3.data.index import DataSourceError
 from ps3.data.loader import DataSource, LoaderConfig, PS3Loader
@@ -302,17 +301,9 @@ def test_normalising_after_the_copy_equals_the_old_float_views():
     assert torch.equal(normalize_images(out)["lowres"], old)  # floats pass: safe to apply twice
 
 
-def test_pin_memory_reaches_the_data_loader_of_worker_processes(synth_sources, monkeypatch):
+def test_pin_memory_reaches_the_data_loader_of_worker_processes(synth_sources, data_loader_kwargs):
     """Workers' batches are pinned by the DataLoader's thread; inline batches are not pinned."""
-    seen = {}
-
-    class Recording(loader_module.DataLoader):
-        def __init__(self, *args, **kwargs):
-            seen.update(kwargs)
-            super().__init__(*args, **{**kwargs, "pin_memory": False})  # CPU-only here
-
-    monkeypatch.setattr(loader_module, "DataLoader", Recording)
     next(make(synth_sources, workers=1, pin=True))
-    assert seen["pin_memory"] is True
-    seen.clear()
-    assert next(make(synth_sources, workers=0, pin=True))["lowres"].dtype == torch.uint8 and not seen
+    assert data_loader_kwargs["pin_memory"] is True
+    data_loader_kwargs.clear()
+    assert next(make(synth_sources, workers=0, pin=True))["lowres"].dtype == torch.uint8 and not data_loader_kwargs

@@ -367,17 +367,7 @@ def test_storage_errors_on_conversation_reads_are_retried_not_skipped(sources):
     assert counts == {"read_retries": 2}
 
 
-def test_pin_memory_reaches_the_data_loader_of_worker_processes(sources, monkeypatch):
+def test_pin_memory_reaches_the_data_loader_of_worker_processes(sources, data_loader_kwargs):
     """As the PS3 loader's: on CUDA the task asks for page-locked batches (non-blocking copies)."""
-    import ps3.data.loader as planned
-
-    seen = {}
-
-    class Recording(planned.DataLoader):
-        def __init__(self, *args, **kwargs):
-            seen.update(kwargs)
-            super().__init__(*args, **{**kwargs, "pin_memory": False})  # CPU-only here
-
-    monkeypatch.setattr(planned, "DataLoader", Recording)
     assert next(loader(sources, num_workers=1, pin_memory=True))["images"].dtype == torch.uint8
-    assert seen["pin_memory"] is True
+    assert data_loader_kwargs["pin_memory"] is True
