@@ -33,13 +33,13 @@ from .params import TaskParams
 
 
 def parse_params(model: type[TaskParams], ctx: RunContext) -> TaskParams:
-    return params_of(model, ctx.stage)
+    return params_of(model, ctx.params)
 
 
-def params_of(model: type[TaskParams], stage: Stage) -> TaskParams:
+def params_of(model: type[TaskParams], params: dict) -> TaskParams:
     """A stage's params as its task's typed model (a task's build and its cost probe alike)."""
     try:
-        return model.model_validate(stage.params)
+        return model.model_validate(params)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])

@@ -72,7 +72,7 @@ def pretrain_loss(model: PS3Model, batch: dict, params: PretrainParams) -> torch
 
 def probe(stage: Stage, device: torch.device) -> TaskProbe:
     """The `ps3_pretrain` stage's model on `device`, its micro-batches and its loss."""
-    params = params_of(PretrainParams, stage)
+    params = params_of(PretrainParams, stage.params)
     return _probe(preset_of(stage, params.max_selected_patches), params, device)
 
 
